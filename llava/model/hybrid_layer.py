@@ -1,0 +1,247 @@
+"""Hybrid decoder layers: a Qwen2 decoder layer whose attention also reads the slow tokens.
+
+At a querying position the attention output (before ``o_proj``) becomes
+
+    self_attn + g * cross_attn(q, K_slow, V_slow)
+
+where ``q`` is the self-attention's query after RoPE, ``K_slow, V_slow = cross_attn_kv_proj(input_layernorm(slow))``
+(read per key/value head as ``[key, value]``, no RoPE, repeated for grouped-query attention), and ``g`` is the
+``whole-dynamic`` gate computed from the self-attention output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2Attention,
+    Qwen2DecoderLayer,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+    repeat_kv,
+)
+
+from ..constants import TOKEN_TYPE_RESPONSE, TOKEN_TYPE_TEXT, TOKEN_TYPE_VISUAL
+from .cache import SlowFastCache
+from .configuration_llava_qwen_slow_fast import cross_attn_query_mode, parse_gating_type
+
+try:  # optional CUDA kernels
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+
+def cross_attn_query_mask(token_types: torch.Tensor, implementation: str, has_visual: torch.Tensor) -> torch.Tensor:
+    """Which positions query the slow tokens, ``[B, L]`` bool, from token types ``[B, L]``.
+
+    ``text-only-vanilla*``: text tokens (types 1 and 2); with ``masksystem``, only those after the sample's
+    first visual token. ``vanilla*``: every position. Samples without visual tokens never query.
+    """
+    mode = cross_attn_query_mode(implementation)
+    if mode == "all":
+        mask = torch.ones_like(token_types, dtype=torch.bool)
+    else:
+        mask = (token_types == TOKEN_TYPE_TEXT) | (token_types == TOKEN_TYPE_RESPONSE)
+        if mode == "text_after_visual":
+            visual = token_types == TOKEN_TYPE_VISUAL
+            first_visual = torch.where(visual.any(1), visual.int().argmax(1), token_types.shape[1])
+            positions = torch.arange(token_types.shape[1], device=token_types.device)
+            mask = mask & (positions[None, :] > first_visual[:, None])
+    return mask & has_visual[:, None]
+
+
+def slow_cross_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_mask: torch.Tensor,
+    query_mask: torch.Tensor,
+    scaling: float,
+    use_flash: bool = False,
+) -> torch.Tensor:
+    """Non-causal attention of ``query`` ``[B, H, L, D]`` over slow ``keys``/``values`` ``[B, Hkv, S, D]``.
+
+    ``key_mask`` ``[B, S]`` marks valid slow tokens, ``query_mask`` ``[B, L]`` the querying positions.
+    Returns ``[B, L, H*D]``; rows outside ``query_mask`` are finite but meaningless.
+    """
+    batch, heads, length, head_dim = query.shape
+    if use_flash and flash_attn_varlen_func is not None and query.is_cuda:
+        return _flash_varlen_cross_attention(query, keys, values, key_mask, query_mask, scaling)
+    groups = heads // keys.shape[1]
+    # A sample without slow tokens would give an all-masked softmax (NaN); let it attend to its padding,
+    # its rows are never selected by query_mask.
+    safe_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+    context = F.scaled_dot_product_attention(
+        query,
+        repeat_kv(keys, groups),
+        repeat_kv(values, groups),
+        attn_mask=safe_mask[:, None, None, :],
+        scale=scaling,
+    )
+    return context.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def _flash_varlen_cross_attention(query, keys, values, key_mask, query_mask, scaling) -> torch.Tensor:
+    batch, heads, length, head_dim = query.shape
+    q = query.transpose(1, 2)[query_mask]  # [Nq, H, D]
+    k = keys.transpose(1, 2)[key_mask]  # [Nk, Hkv, D]
+    v = values.transpose(1, 2)[key_mask]
+    q_lens, k_lens = query_mask.sum(1, dtype=torch.int32), key_mask.sum(1, dtype=torch.int32)
+    cu_q = F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_k = F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    out = flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, int(q_lens.max()), int(k_lens.max()), softmax_scale=scaling, causal=False
+    )
+    context = query.new_zeros(batch, length, heads, head_dim)
+    context[query_mask] = out.to(context.dtype)
+    return context.reshape(batch, length, heads * head_dim)
+
+
+class SlowFastAttention(Qwen2Attention):
+    """Qwen2 attention plus ``cross_attn_kv_proj``, ``cross_attn_gate_proj`` and ``cross_attn_warm_up_gate``."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.num_key_value_heads = config.num_key_value_heads
+        inner = config.num_attention_heads * self.head_dim
+        self.cross_attn_kv_proj = nn.Linear(config.hidden_size, 2 * self.num_key_value_heads * self.head_dim, bias=True)
+        self.cross_attn_gate_proj = nn.Sequential(nn.Linear(inner, 1))
+        self.gate_tanh, gate_warmup = parse_gating_type(config.cross_attn_gating_type)
+        self.cross_attn_warm_up_gate = nn.Parameter(torch.zeros(1)) if gate_warmup else None
+        # the reference squashes the warm-up scalar through tanh in text-only modes only
+        self.warm_up_through_tanh = cross_attn_query_mode(config.cross_attn_implementation) != "all"
+
+    def project_slow(self, normed_slow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, S, hidden]`` -> keys, values ``[B, Hkv, S, D]``; the projection is read as (head, [k, v], D)."""
+        batch, slow_len, _ = normed_slow.shape
+        kv = self.cross_attn_kv_proj(normed_slow).view(batch, slow_len, self.num_key_value_heads, 2, self.head_dim)
+        return kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)
+
+    def gate(self, self_attn_output: torch.Tensor) -> torch.Tensor:
+        """``[B, L, H*D]`` -> ``[B, L, 1]``."""
+        g = self.cross_attn_gate_proj(self_attn_output)
+        if self.gate_tanh:
+            g = torch.tanh(g)
+        if self.cross_attn_warm_up_gate is not None:
+            w = self.cross_attn_warm_up_gate
+            g = g * (torch.tanh(w) if self.warm_up_through_tanh else w)
+        return g
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values=None,
+        slow_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slow_token_mask: torch.Tensor | None = None,
+        cross_attn_query_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        output = output.reshape(*input_shape, -1).contiguous()
+
+        if slow_key_values is not None and cross_attn_query_mask is not None:
+            context = slow_cross_attention(
+                query,
+                *slow_key_values,
+                slow_token_mask,
+                cross_attn_query_mask,
+                self.scaling,
+                use_flash=self.config._attn_implementation == "flash_attention_2",
+            )
+            crossed = output + self.gate(output) * context.to(output.dtype)
+            output = torch.where(cross_attn_query_mask[..., None], crossed, output)
+        return self.o_proj(output), weights
+
+    @torch.no_grad()
+    def init_cross_attn_kv_from_lm(self, layout: str = "per_head") -> None:
+        """Start ``cross_attn_kv_proj`` from this layer's ``k_proj``/``v_proj``.
+
+        ``per_head`` (intended): each key/value head's key and value equal the language model's.
+        ``reference``: ``[k_proj; v_proj]`` stacked, as the reference does (scrambled by the per-head reading).
+        """
+        k_w, v_w = self.k_proj.weight, self.v_proj.weight
+        k_b, v_b = self.k_proj.bias, self.v_proj.bias
+        if layout == "reference":
+            weight, bias = torch.cat([k_w, v_w], 0), torch.cat([k_b, v_b], 0)
+        elif layout == "per_head":
+            heads, dim = self.num_key_value_heads, self.head_dim
+            weight = torch.stack([k_w.view(heads, dim, -1), v_w.view(heads, dim, -1)], dim=1).reshape(k_w.shape[0] * 2, -1)
+            bias = torch.stack([k_b.view(heads, dim), v_b.view(heads, dim)], dim=1).reshape(-1)
+        else:
+            raise ValueError(f"kv init layout {layout!r}: use 'per_head' or 'reference'")
+        self.cross_attn_kv_proj.weight.copy_(weight)
+        self.cross_attn_kv_proj.bias.copy_(bias)
+
+
+class SlowFastDecoderLayer(Qwen2DecoderLayer):
+    """A Qwen2 decoder layer whose attention is [`SlowFastAttention`].
+
+    Call it as ``layer(hidden_states, slow_tokens, ...)``: both positionally, so that gradient checkpointing
+    passes gradients to the slow tokens. ``slow_tokens`` ``[B, S, hidden]`` are normalised by this layer's own
+    ``input_layernorm``. With a [`SlowFastCache`] the projected keys/values are computed once and reused.
+    """
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.layer_idx = layer_idx
+        self.self_attn = SlowFastAttention(config, layer_idx)
+
+    def slow_key_values(
+        self, slow_tokens: torch.Tensor | None, cache
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if isinstance(cache, SlowFastCache) and (stored := cache.get_slow(self.layer_idx)) is not None:
+            return stored
+        if slow_tokens is None:
+            return None
+        keys, values = self.self_attn.project_slow(self.input_layernorm(slow_tokens))
+        if isinstance(cache, SlowFastCache):
+            cache.set_slow(self.layer_idx, keys, values)
+        return keys, values
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        slow_tokens: torch.Tensor | None = None,
+        past_key_values=None,
+        slow_token_mask: torch.Tensor | None = None,
+        cross_attn_query_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        slow_kv = None
+        if cross_attn_query_mask is not None:
+            slow_kv = self.slow_key_values(slow_tokens, past_key_values)
+        return super().forward(
+            hidden_states,
+            past_key_values=past_key_values,
+            slow_key_values=slow_kv,
+            slow_token_mask=slow_token_mask,
+            cross_attn_query_mask=cross_attn_query_mask if slow_kv is not None else None,
+            **kwargs,
+        )

@@ -1,0 +1,490 @@
+"""``LlavaQwenSlowFastForCausalLM``: Qwen2 with a ConvNeXt tower, a projector, fast tokens in the sequence
+and slow tokens read by hybrid decoder layers.
+
+The language model is transformers' Qwen2 (its layers, attention interface, masks and rotary embedding);
+this file only adds the vision path, the merge of fast tokens into the text, and the routing of slow tokens
+to the hybrid layers (see ``slow_fast.py``, ``hybrid_layer.py`` and ``cache.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2DecoderLayer,
+    Qwen2PreTrainedModel,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+)
+from transformers import initialization as init
+from transformers.modeling_utils import slice_logits_to_keep
+
+from ..constants import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+    TOKEN_TYPE_PAD,
+    TOKEN_TYPE_RESPONSE,
+    TOKEN_TYPE_TEXT,
+    TOKEN_TYPE_VISUAL,
+)
+from .cache import SlowFastCache
+from .configuration_llava_qwen_slow_fast import CROSS_ATTN_KV_INIT_LAYOUTS, LlavaQwenSlowFastConfig
+from .hybrid_layer import SlowFastAttention, SlowFastDecoderLayer, cross_attn_query_mask
+from .projector import build_projector
+from .slow_fast import SlowFastParams, SlowFastTokens, split_slow_fast
+from .vision_tower import ConvNeXtVisionTower, _ConvNeXtBlockWeightNamed
+
+
+@dataclass
+class MultimodalInputs:
+    """A batch with the fast tokens merged into the text.
+
+    ``inputs_embeds`` ``[B, L, hidden]``, ``attention_mask``/``position_ids``/``token_types`` ``[B, L]``,
+    ``labels`` ``[B, L]`` or None; ``slow_tokens`` ``[B, S, hidden]`` and ``slow_token_mask`` ``[B, S]``
+    (None when no sample has visual input); ``cross_attn_query_mask`` ``[B, L]`` bool or None.
+    """
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    token_types: torch.Tensor
+    labels: torch.Tensor | None
+    slow_tokens: torch.Tensor | None
+    slow_token_mask: torch.Tensor | None
+    cross_attn_query_mask: torch.Tensor | None
+
+    @property
+    def num_fast_tokens(self) -> list[int]:
+        return (self.token_types == TOKEN_TYPE_VISUAL).sum(1).tolist()
+
+    @property
+    def num_slow_tokens(self) -> list[int]:
+        if self.slow_token_mask is None:
+            return [0] * self.inputs_embeds.shape[0]
+        return self.slow_token_mask.sum(1).tolist()
+
+
+class LlavaQwenSlowFastPreTrainedModel(Qwen2PreTrainedModel):
+    config: LlavaQwenSlowFastConfig
+    config_class = LlavaQwenSlowFastConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Qwen2DecoderLayer", "SlowFastDecoderLayer", "ConvNeXtVisionTower"]
+    # The reference keeps the tower's unused classifier; its width differs between checkpoints.
+    _keys_to_ignore_on_load_unexpected = [r"vision_tower\.vision_tower\.head\.fc\."]
+    _can_record_outputs = {"hidden_states": Qwen2DecoderLayer, "attentions": SlowFastAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SlowFastAttention) and module.cross_attn_warm_up_gate is not None:
+            init.zeros_(module.cross_attn_warm_up_gate)
+        if isinstance(module, _ConvNeXtBlockWeightNamed) and module.gamma is not None:
+            init.constant_(module.gamma, 1e-6)
+
+
+class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
+    """The decoder (``embed_tokens``, ``layers``, ``norm``) plus ``vision_tower`` and ``mm_projector``."""
+
+    def __init__(self, config: LlavaQwenSlowFastConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        hybrid = set(config.hybrid_layer_indices)
+        self.layers = nn.ModuleList(
+            [
+                SlowFastDecoderLayer(config, i) if i in hybrid else Qwen2DecoderLayer(config, i)
+                for i in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.has_sliding_layers = "sliding_attention" in config.layer_types
+
+        self.vision_tower = ConvNeXtVisionTower(config) if config.mm_vision_tower else None
+        if self.vision_tower is not None:
+            if config.mm_hidden_size is None:
+                config.mm_hidden_size = self.vision_tower.hidden_size
+            elif config.mm_hidden_size != self.vision_tower.hidden_size:
+                raise ValueError(
+                    f"mm_hidden_size={config.mm_hidden_size} does not match the vision tower's width "
+                    f"{self.vision_tower.hidden_size} (mm_vision_tower_overrides={config.mm_vision_tower_overrides})"
+                )
+            self.mm_projector = build_projector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def get_vision_tower(self) -> ConvNeXtVisionTower | None:
+        return self.vision_tower
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        slow_tokens: torch.Tensor | None = None,
+        slow_token_mask: torch.Tensor | None = None,
+        cross_attn_query_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Qwen2's decoder loop; hybrid layers also get ``slow_tokens`` ``[B, S, hidden]``, ``slow_token_mask``
+        ``[B, S]`` and ``cross_attn_query_mask`` ``[B, L]`` (None: no cross-attention in this call)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = SlowFastCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
+
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        }
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if self.has_sliding_layers:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        common = dict(
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            mask = masks[self.config.layer_types[i]]
+            if isinstance(layer, SlowFastDecoderLayer):
+                hidden_states = layer(
+                    hidden_states,
+                    slow_tokens,
+                    attention_mask=mask,
+                    slow_token_mask=slow_token_mask,
+                    cross_attn_query_mask=cross_attn_query_mask,
+                    **common,
+                )
+            else:
+                hidden_states = layer(hidden_states, attention_mask=mask, **common)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
+
+
+class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationMixin):
+    """The Slow-Fast video LLM.
+
+    ``forward(input_ids, attention_mask, labels, images=[video, ...])`` with each video ``[T, 3, S, S]``
+    (an image is ``[3, S, S]`` or ``[1, 3, S, S]``); each ``-200`` in ``input_ids`` takes the next entry of
+    ``images``. ``generate(input_ids, images=[...])`` returns only the new tokens.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LlavaQwenSlowFastConfig) -> None:
+        super().__init__(config)
+        self.model = LlavaQwenSlowFastModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.slow_fast_params = SlowFastParams.from_config(config)
+        self.post_init()
+
+    # -- the names LLaVA code calls -------------------------------------------------------------------
+    def get_model(self) -> LlavaQwenSlowFastModel:
+        return self.model
+
+    def get_vision_tower(self) -> ConvNeXtVisionTower | None:
+        return self.model.vision_tower
+
+    @property
+    def hybrid_layers(self) -> list[SlowFastDecoderLayer]:
+        return [layer for layer in self.model.layers if isinstance(layer, SlowFastDecoderLayer)]
+
+    # -- vision ----------------------------------------------------------------------------------------
+    def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Frames ``[N, 3, S, S]`` -> projected tokens ``[N, g*g, hidden]`` (tower then projector, in chunks
+        of ``mm_vision_chunk_frames`` so that peak activation memory does not grow with ``N``)."""
+        tower = self.get_vision_tower()
+        if tower is None:
+            raise ValueError("this model has no vision tower (mm_vision_tower is None)")
+        chunk = self.config.mm_vision_chunk_frames or pixel_values.shape[0]
+        parts = [self.model.mm_projector(tower(part, chunk_frames=chunk)) for part in pixel_values.split(chunk)]
+        return torch.cat(parts, dim=0)
+
+    def encode_images(self, images) -> list[SlowFastTokens]:
+        """One [`SlowFastTokens`] per visual item (video ``[T, 3, S, S]`` or image ``[3, S, S]``)."""
+        items = _as_frame_stacks(images)
+        tower = self.get_vision_tower()
+        size = tower.spec.image_size
+        for i, item in enumerate(items):
+            if item.shape[-3:] != (3, size, size):
+                raise ValueError(
+                    f"images[{i}] has shape {tuple(item.shape)}; expected [frames, 3, {size}, {size}] "
+                    f"(preprocess it with the model's image processor)"
+                )
+        frames = torch.cat(items, 0).to(device=tower.device, dtype=tower.dtype)
+        features = self.encode_frames(frames).split([item.shape[0] for item in items])
+        return [split_slow_fast(f, self.slow_fast_params) for f in features]
+
+    # -- merging fast tokens into the text -------------------------------------------------------------
+    def prepare_multimodal_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        images=None,
+        visual_tokens: list[SlowFastTokens] | None = None,
+        padding_side: str | None = None,
+    ) -> MultimodalInputs:
+        """Replace each ``-200`` by its fast tokens and gather the slow tokens of each sample.
+
+        ``input_ids``/``attention_mask``/``labels`` ``[B, L]`` (either padding side); the result is padded
+        on ``padding_side`` (default ``config.tokenizer_padding_side``; generation uses ``left``).
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        batch = input_ids.shape[0]
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+        num_image_tokens = int((input_ids == IMAGE_TOKEN_INDEX).sum())
+        if visual_tokens is None:
+            visual_tokens = self.encode_images(_match_images_to_tokens(images, num_image_tokens)) if num_image_tokens else []
+        if len(visual_tokens) != num_image_tokens:
+            raise ValueError(
+                f"the batch has {num_image_tokens} <image> tokens but {len(visual_tokens)} images/videos were given"
+            )
+
+        embed = self.get_input_embeddings()
+        text_embeds = embed(input_ids.clamp(min=0))
+        hidden = text_embeds.shape[-1]
+        visual = iter(visual_tokens)
+        rows = []  # (embeds [l, h], labels [l], types [l], slow [s, h] | None)
+        for b in range(batch):
+            keep = attention_mask[b]
+            ids, embeds = input_ids[b][keep], text_embeds[b][keep]
+            lab = labels[b][keep] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
+            types = torch.where(lab == IGNORE_INDEX, TOKEN_TYPE_TEXT, TOKEN_TYPE_RESPONSE)
+            pieces_e, pieces_l, pieces_t, slows = [], [], [], []
+            start = 0
+            for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist() + [ids.shape[0]]:
+                pieces_e.append(embeds[start:pos])
+                pieces_l.append(lab[start:pos])
+                pieces_t.append(types[start:pos])
+                if pos < ids.shape[0]:
+                    tokens = next(visual)
+                    fast = tokens.fast.to(embeds.dtype)
+                    pieces_e.append(fast)
+                    pieces_l.append(lab.new_full((fast.shape[0],), IGNORE_INDEX))
+                    pieces_t.append(types.new_full((fast.shape[0],), TOKEN_TYPE_VISUAL))
+                    slows.append(tokens.slow.to(embeds.dtype))
+                start = pos + 1
+            rows.append(
+                (torch.cat(pieces_e), torch.cat(pieces_l), torch.cat(pieces_t), torch.cat(slows) if slows else None)
+            )
+
+        side = padding_side or self.config.tokenizer_padding_side
+        max_len = max(r[0].shape[0] for r in rows)
+        dtype = text_embeds.dtype
+        inputs_embeds = text_embeds.new_zeros(batch, max_len, hidden)
+        new_labels = torch.full((batch, max_len), IGNORE_INDEX, dtype=torch.long, device=device)
+        token_types = torch.full((batch, max_len), TOKEN_TYPE_PAD, dtype=torch.long, device=device)
+        new_mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        max_slow = max((r[3].shape[0] for r in rows if r[3] is not None), default=0)
+        slow_tokens = inputs_embeds.new_zeros(batch, max_slow, hidden) if max_slow else None
+        slow_mask = torch.zeros(batch, max_slow, dtype=torch.bool, device=device) if max_slow else None
+        for b, (e, lab, t, slow) in enumerate(rows):
+            n = e.shape[0]
+            span = slice(max_len - n, max_len) if side == "left" else slice(0, n)
+            inputs_embeds[b, span] = e.to(dtype)
+            new_labels[b, span] = lab
+            token_types[b, span] = t
+            new_mask[b, span] = 1
+            if slow is not None:
+                slow_tokens[b, : slow.shape[0]] = slow
+                slow_mask[b, : slow.shape[0]] = True
+        position_ids = (new_mask.cumsum(1) - 1).clamp(min=0)
+        query_mask = None
+        if slow_mask is not None:
+            query_mask = cross_attn_query_mask(token_types, self.config.cross_attn_implementation, slow_mask.any(1))
+        return MultimodalInputs(
+            inputs_embeds=inputs_embeds,
+            attention_mask=new_mask,
+            position_ids=position_ids,
+            token_types=token_types,
+            labels=new_labels if labels is not None else None,
+            slow_tokens=slow_tokens,
+            slow_token_mask=slow_mask,
+            cross_attn_query_mask=query_mask,
+        )
+
+    # -- forward / generate ----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        images=None,
+        image_sizes=None,
+        modalities=None,
+        slow_tokens: torch.Tensor | None = None,
+        slow_token_mask: torch.Tensor | None = None,
+        cross_attn_query_mask: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits ``[B, L', vocab]`` over the merged sequence (text with fast tokens) and the loss on ``labels``.
+
+        With ``images``, ``input_ids`` holds ``-200`` placeholders; ``labels`` are aligned to ``input_ids``
+        and re-aligned to the merged sequence. During generation the prompt's multimodal inputs arrive
+        already merged (``inputs_embeds``, ``slow_tokens``, ``slow_token_mask``, ``cross_attn_query_mask``).
+        """
+        if images is not None and inputs_embeds is None and input_ids is not None:
+            mm = self.prepare_multimodal_inputs(input_ids, attention_mask, labels, images)
+            input_ids, inputs_embeds, attention_mask, position_ids = None, mm.inputs_embeds, mm.attention_mask, mm.position_ids
+            labels = mm.labels
+            slow_tokens, slow_token_mask, cross_attn_query_mask = mm.slow_tokens, mm.slow_token_mask, mm.cross_attn_query_mask
+
+        if slow_token_mask is not None and past_key_values is not None and past_key_values.get_seq_length() > 0:
+            # decode step: new tokens are text after the visual input
+            if self.config.cross_attn_decode_mode == "reference":
+                cross_attn_query_mask = None  # the reference zeroes decode-time cross-attention
+            else:
+                length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+                cross_attn_query_mask = slow_token_mask.any(1, keepdim=True).expand(-1, length)
+
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            slow_tokens=slow_tokens,
+            slow_token_mask=slow_token_mask,
+            cross_attn_query_mask=cross_attn_query_mask,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        images=None,
+        image_sizes=None,
+        modalities=None,
+        visual_tokens: list[SlowFastTokens] | None = None,
+        **kwargs,
+    ):
+        """LLaVA-style ``generate(input_ids, images=[video])``: returns only the new tokens ``[B, N]``.
+
+        Batches are left-padded after the fast tokens are merged, so prompts and videos of different lengths
+        can share a batch. ``visual_tokens`` (from [`encode_images`]) skips re-encoding the video.
+        """
+        if images is None and visual_tokens is None:
+            return super().generate(inputs, **kwargs)
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if inputs is None:
+            raise ValueError("generate() with images needs input_ids containing the <image> placeholder (-200)")
+        kwargs.pop("position_ids", None)
+        if "inputs_embeds" in kwargs:
+            raise ValueError("pass input_ids with images, not inputs_embeds")
+        attention_mask = kwargs.pop("attention_mask", None)
+        mm = self.prepare_multimodal_inputs(
+            inputs.to(self.device),
+            attention_mask.to(self.device) if attention_mask is not None else None,
+            images=images,
+            visual_tokens=visual_tokens,
+            padding_side="left",
+        )
+        if kwargs.get("use_cache", True) and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = SlowFastCache(config=self.config)
+        if mm.slow_tokens is not None:
+            kwargs.update(
+                slow_tokens=mm.slow_tokens,
+                slow_token_mask=mm.slow_token_mask,
+                cross_attn_query_mask=mm.cross_attn_query_mask,
+            )
+        return super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, **kwargs)
+
+    # -- training helpers ------------------------------------------------------------------------------
+    def initialize_cross_attn_kv_from_lm(self, layout: str = "per_head") -> None:
+        """Start every hybrid layer's ``cross_attn_kv_proj`` from its ``k_proj``/``v_proj`` (see
+        [`SlowFastAttention.init_cross_attn_kv_from_lm`]). Works with ZeRO-3 partitioned parameters."""
+        if layout not in CROSS_ATTN_KV_INIT_LAYOUTS:
+            raise ValueError(f"layout={layout!r}: use one of {list(CROSS_ATTN_KV_INIT_LAYOUTS)}")
+        for layer in self.hybrid_layers:
+            attn = layer.self_attn
+            params = [attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias]
+            params += list(attn.cross_attn_kv_proj.parameters())
+            with _gathered(params):
+                attn.init_cross_attn_kv_from_lm(layout)
+
+
+def _gathered(params):
+    """DeepSpeed ZeRO-3 gathers partitioned parameters for an in-place edit; otherwise a no-op context."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _as_frame_stacks(images) -> list[torch.Tensor]:
+    """Normalise ``images`` to a list of ``[T, 3, H, W]`` tensors."""
+    if isinstance(images, torch.Tensor):
+        images = [images] if images.dim() in (3, 4) else list(images)
+    items = []
+    for i, item in enumerate(images):
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"images[{i}] is a {type(item).__name__}; expected a tensor [frames, 3, H, W]")
+        if item.dim() == 3:
+            item = item[None]
+        if item.dim() != 4 or item.shape[0] == 0:
+            raise ValueError(f"images[{i}] has shape {tuple(item.shape)}; expected [frames, 3, H, W] with frames >= 1")
+        items.append(item)
+    return items
+
+
+def _match_images_to_tokens(images, num_image_tokens: int):
+    """A single ``[N, 3, H, W]`` tensor is N images when the batch has N placeholders, else one video."""
+    if images is None:
+        raise ValueError(f"the batch has {num_image_tokens} <image> tokens but no images were given")
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and num_image_tokens == images.shape[0] > 1:
+        return list(images)
+    return images

@@ -1,0 +1,352 @@
+"""Tests for llava.video (frame sampling and decoding) and scripts/make_demo_video.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava import video as video_mod
+from llava.video import (
+    VideoClip,
+    VideoLoadError,
+    fps_frame_indices,
+    load_video,
+    uniform_frame_indices,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Synthetic test video: frame i has a flat grey background of level
+# BASE + STEP * i (so the decoded frame index can be read back from the pixels)
+# and a fixed pure-red square in the top-left corner (to check RGB order).
+NUM_FRAMES = 40
+VIDEO_FPS = 10
+WIDTH, HEIGHT = 64, 48
+BASE, STEP = 10, 5
+
+
+def _synthetic_frame(index: int) -> np.ndarray:
+    frame = np.full((HEIGHT, WIDTH, 3), BASE + STEP * index, dtype=np.uint8)
+    frame[:16, :16] = (255, 0, 0)
+    return frame
+
+
+def _write_video(path: Path, codec: str, frames: int = NUM_FRAMES) -> Path:
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(VIDEO_FPS, 1))
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        if codec == "mpeg4":
+            stream.bit_rate = 2_000_000
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_synthetic_frame(i), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def _index_of(frame: np.ndarray) -> int:
+    """Read the synthetic frame index back from the grey background."""
+    level = frame[HEIGHT // 2 :, WIDTH // 2 :].astype(np.float64).mean()
+    return int(round((level - BASE) / STEP))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("media")
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    paths = {
+        "mp4": _write_video(root / "clip.mp4", codec),
+        # Matroska stores no frame count, so PyAV reports stream.frames == 0.
+        "mkv": _write_video(root / "clip.mkv", codec),
+    }
+
+    zero = root / "zero.avi"
+    container = av.open(str(zero), mode="w")
+    stream = container.add_stream("mpeg4", rate=VIDEO_FPS)
+    stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+    container.start_encoding()
+    container.close()
+    paths["zero"] = zero
+
+    image = root / "still.png"
+    Image.fromarray(_synthetic_frame(3)).save(image)
+    paths["image"] = image
+
+    folder = root / "frames"
+    folder.mkdir()
+    for number in range(1, 13):
+        Image.fromarray(_synthetic_frame(number)).save(folder / f"{number}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    paths["folder"] = folder
+    return paths
+
+
+# ----------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize(("total", "count"), [(100, 16), (64, 64), (1000, 7), (33, 1)])
+def test_uniform_indices_equal_numpy_linspace(total: int, count: int) -> None:
+    expected = np.linspace(0, total - 1, count, dtype=int).tolist()
+    assert uniform_frame_indices(total, count) == expected
+
+
+def test_uniform_indices_short_video_returns_each_frame_once() -> None:
+    assert uniform_frame_indices(5, 16) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("total", "count"), [(0, 8), (-3, 8), (10, 0)])
+def test_uniform_indices_reject_non_positive_arguments(total: int, count: int) -> None:
+    with pytest.raises(ValueError):
+        uniform_frame_indices(total, count)
+
+
+def test_fps_indices_step_is_rounded_rate_ratio() -> None:
+    # 30 / 4 = 7.5 -> step 8; 40 frames give candidates 0, 8, ..., 32.
+    assert fps_frame_indices(40, 30.0, 4.0, num_frames=64) == [0, 8, 16, 24, 32]
+
+
+def test_fps_indices_select_evenly_when_too_many_candidates() -> None:
+    # step 8 over 300 frames -> 38 candidates (0..296); picks at
+    # round(7.6 * (i + 1) - 1) = 7, 14, 22, 29, 37.
+    assert fps_frame_indices(300, 30.0, 4.0, num_frames=5) == [56, 112, 176, 232, 296]
+
+
+def test_fps_indices_target_above_source_rate_keeps_every_frame() -> None:
+    assert fps_frame_indices(6, 30.0, 60.0, num_frames=10) == [0, 1, 2, 3, 4, 5]
+
+
+# ----------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_load_video_returns_uniformly_sampled_rgb_frames(media: dict[str, Path], backend: str) -> None:
+    clip = load_video(media["mp4"], max_frames=8, backend=backend)
+
+    expected = np.linspace(0, NUM_FRAMES - 1, 8, dtype=int).tolist()
+    assert clip.backend == backend
+    assert clip.frames.dtype == np.uint8
+    assert clip.frames.shape == (8, HEIGHT, WIDTH, 3)
+    assert clip.frame_indices == expected
+    assert [_index_of(f) for f in clip.frames] == expected
+    assert clip.frames[0, 4:12, 4:12].mean(axis=(0, 1)) == pytest.approx([255, 0, 0], abs=20)
+    assert clip.total_frames == NUM_FRAMES
+    assert clip.video_fps == pytest.approx(VIDEO_FPS)
+    assert clip.duration == pytest.approx(NUM_FRAMES / VIDEO_FPS)
+    assert clip.path == str(media["mp4"])
+
+
+def test_decord_and_pyav_decode_same_indices_and_pixels(media: dict[str, Path]) -> None:
+    a = load_video(media["mp4"], max_frames=12, backend="decord")
+    b = load_video(media["mp4"], max_frames=12, backend="pyav")
+
+    assert a.frame_indices == b.frame_indices
+    assert a.frames.shape == b.frames.shape
+    assert np.abs(a.frames.astype(np.int16) - b.frames.astype(np.int16)).mean() < 2.0
+
+
+def test_load_video_with_fps_samples_at_target_rate(media: dict[str, Path]) -> None:
+    # 10 fps source at 2 fps -> step 5 -> 8 candidates, all within max_frames.
+    clip = load_video(media["mp4"], max_frames=64, fps=2.0, backend="pyav")
+
+    assert clip.frame_indices == [0, 5, 10, 15, 20, 25, 30, 35]
+    assert [_index_of(f) for f in clip.frames] == clip.frame_indices
+
+
+def test_pyav_counts_frames_by_decoding_when_container_has_no_count(media: dict[str, Path]) -> None:
+    with av.open(str(media["mkv"])) as container:
+        assert container.streams.video[0].frames == 0
+
+    clip = load_video(media["mkv"], max_frames=4, backend="pyav")
+
+    assert clip.total_frames == NUM_FRAMES
+    assert clip.frame_indices == [0, 13, 26, 39]
+    assert [_index_of(f) for f in clip.frames] == [0, 13, 26, 39]
+
+
+def test_pyav_stops_decoding_after_last_wanted_frame(media: dict[str, Path]) -> None:
+    found, decoded = video_mod._pyav_decode_indices(str(media["mp4"]), [0, 3])
+
+    assert sorted(found) == [0, 3]
+    assert decoded == 4
+
+
+def test_auto_backend_prefers_decord(media: dict[str, Path]) -> None:
+    assert load_video(media["mp4"], max_frames=2).backend == "decord"
+
+
+def test_auto_backend_falls_back_to_pyav_when_decord_fails(
+    media: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import decord
+
+    def broken_reader(*args: object, **kwargs: object) -> None:
+        raise decord.DECORDError("simulated decord failure")
+
+    monkeypatch.setattr(decord, "VideoReader", broken_reader)
+
+    clip = load_video(media["mp4"], max_frames=4)
+
+    assert clip.backend == "pyav"
+    assert [_index_of(f) for f in clip.frames] == clip.frame_indices
+
+
+def test_auto_backend_uses_pyav_when_decord_is_not_installed(
+    media: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
+
+    assert load_video(media["mp4"], max_frames=4).backend == "pyav"
+
+
+def test_decord_backend_returns_numpy_even_with_torch_bridge(media: dict[str, Path]) -> None:
+    pytest.importorskip("torch")
+    import decord
+
+    with decord.bridge.use_torch():
+        clip = load_video(media["mp4"], max_frames=2, backend="decord")
+
+    assert isinstance(clip.frames, np.ndarray)
+    assert clip.frames.shape == (2, HEIGHT, WIDTH, 3)
+
+
+def test_image_file_loads_as_single_frame(media: dict[str, Path]) -> None:
+    clip = load_video(media["image"], max_frames=16)
+
+    assert clip.backend == "image"
+    assert clip.frames.shape == (1, HEIGHT, WIDTH, 3)
+    assert np.array_equal(clip.frames[0], _synthetic_frame(3))
+    assert (clip.frame_indices, clip.video_fps, clip.total_frames, clip.duration) == ([0], 1.0, 1, 0.0)
+
+
+def test_frames_folder_sorted_naturally_and_sampled_uniformly(media: dict[str, Path]) -> None:
+    clip = load_video(media["folder"], max_frames=4, fps=2.0)
+
+    # 12 frames named 1.png..12.png; linspace(0, 11, 4) -> positions 0, 3, 7, 11.
+    assert clip.backend == "frames-folder"
+    assert clip.frame_indices == [0, 3, 7, 11]
+    assert [_index_of(f) for f in clip.frames] == [1, 4, 8, 12]
+    assert (clip.total_frames, clip.video_fps, clip.duration) == (12, 2.0, 6.0)
+
+
+def test_frames_folder_defaults_to_one_fps(media: dict[str, Path]) -> None:
+    assert load_video(media["folder"], max_frames=2).video_fps == 1.0
+
+
+# ----------------------------------------------------------------- errors
+
+
+def _assert_load_error(path: Path, cause: str, **kwargs: object) -> None:
+    with pytest.raises(VideoLoadError) as info:
+        load_video(path, **kwargs)
+    message = str(info.value)
+    assert str(path) in message
+    assert cause in message
+
+
+def test_missing_file_raises_load_error(tmp_path: Path) -> None:
+    _assert_load_error(tmp_path / "nope.mp4", "does not exist")
+
+
+def test_empty_file_raises_load_error(tmp_path: Path) -> None:
+    path = tmp_path / "empty.mp4"
+    path.touch()
+    _assert_load_error(path, "empty")
+
+
+@pytest.mark.parametrize("backend", ["auto", "decord", "pyav"])
+def test_random_bytes_raise_load_error(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "noise.mp4"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    _assert_load_error(path, "decoder error", backend=backend)
+
+
+def test_truncated_mp4_raises_load_error(media: dict[str, Path], tmp_path: Path) -> None:
+    data = media["mp4"].read_bytes()
+    path = tmp_path / "truncated.mp4"
+    path.write_bytes(data[: len(data) // 2])
+    _assert_load_error(path, "decoder error")
+
+
+def test_zero_frame_video_raises_load_error(media: dict[str, Path]) -> None:
+    _assert_load_error(media["zero"], "0 frames")
+
+
+def test_directory_without_images_raises_load_error(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("no frames here")
+    _assert_load_error(tmp_path, "no image frames")
+
+
+def test_corrupt_image_raises_load_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"definitely not a jpeg")
+    _assert_load_error(path, "cannot decode image")
+
+
+@pytest.mark.parametrize("max_frames", [0, -1])
+def test_non_positive_max_frames_raises_load_error(media: dict[str, Path], max_frames: int) -> None:
+    _assert_load_error(media["mp4"], "max_frames", max_frames=max_frames)
+
+
+def test_unknown_backend_raises_value_error(media: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="backend"):
+        load_video(media["mp4"], backend="opencv")
+
+
+# ----------------------------------------------------------------- VideoClip
+
+
+def _clip(indices: list[int], fps: float = 10.0, total: int = 123) -> VideoClip:
+    frames = np.zeros((len(indices), 2, 2, 3), dtype=np.uint8)
+    return VideoClip(frames, indices, fps, total, total / fps, "pyav", "x.mp4")
+
+
+def test_frame_times_are_indices_over_fps() -> None:
+    assert _clip([0, 5, 25], fps=10.0).frame_times == pytest.approx([0.0, 0.5, 2.5])
+
+
+def test_info_reports_duration_and_timestamps() -> None:
+    info = _clip([0, 8, 16], fps=10.0, total=123).info()
+
+    assert info == (
+        "The video lasts for 12.30 seconds, and 3 frames are uniformly sampled from it. "
+        "These frames are located at 0.00s,0.80s,1.60s."
+    )
+
+
+# ----------------------------------------------------------------- demo video
+
+
+def _load_demo_script():
+    spec = importlib.util.spec_from_file_location("make_demo_video", REPO_ROOT / "scripts" / "make_demo_video.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_render_demo_frames_is_deterministic_with_one_flash_frame() -> None:
+    demo = _load_demo_script()
+    frames = demo.render_demo_frames(64, 10)
+
+    assert frames.shape == (10, 64, 64, 3) and frames.dtype == np.uint8
+    assert np.array_equal(frames, demo.render_demo_frames(64, 10))
+    has_flash = [(f == demo.FLASH_RGB).all(axis=-1).any() for f in frames]
+    assert has_flash == [i == demo.flash_frame_index(10) for i in range(10)]
+
+
+def test_demo_asset_loads_with_expected_shape() -> None:
+    path = REPO_ROOT / "assets" / "demo.mp4"
+    assert os.path.getsize(path) < 100 * 1024
+
+    clip = load_video(path, max_frames=64)
+
+    assert clip.frames.shape == (32, 128, 128, 3)
+    assert clip.video_fps == pytest.approx(8.0)
