@@ -62,6 +62,7 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
             (tiny test models).
         vision_tower_pretrained: local weight file or timm pretrained name for a *new* model's tower.
         mm_vision_chunk_frames: encode at most this many frames at once (bounds peak memory); None = all.
+        video_frames: frames per video the model was trained with (the CLI's default ``--max-frames``).
         cross_attn_decode_mode: ``"attend"`` (decode tokens read the slow tokens, as in training) or
             ``"reference"`` (they do not, which reproduces the reference's outputs).
     """
@@ -88,6 +89,7 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
     tokenizer_model_max_length: int | None = None
 
     # slow / fast tokens
+    video_frames: int | None = None
     mm_video_pooling_stride: int = 2
     fast_token_spatial_stride: int = 1
     fast_token_temporal_stride: int = 4
@@ -146,6 +148,8 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
         ):
             if getattr(self, field) < 1:
                 raise bad(field, "must be >= 1")
+        if self.video_frames is not None and self.video_frames < 1:
+            raise bad("video_frames", "must be >= 1 or None")
         if self.cross_attn_min_layer_depth < 0:
             raise bad("cross_attn_min_layer_depth", "must be >= 0")
         if self.cross_attn_max_layer_depth is not None and self.cross_attn_max_layer_depth < 0:

@@ -1,0 +1,1 @@
+"""Serving front ends: the command-line chat (``llava.serve.cli``)."""
