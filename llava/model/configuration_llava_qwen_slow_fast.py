@@ -145,13 +145,22 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
             "fast_token_temporal_sampling_stride",
             "min_fast_frames",
             "cross_attn_every_n_layers",
+            "cross_attn_min_layer_depth",
         ):
-            if getattr(self, field) < 1:
-                raise bad(field, "must be >= 1")
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise bad(field, f"must be an integer, got {type(value).__name__}")
+            if value < (0 if field == "cross_attn_min_layer_depth" else 1):
+                raise bad(field, "must be >= 1" if field != "cross_attn_min_layer_depth" else "must be >= 0")
+        for field in ("cross_attn_max_layer_depth", "mm_vision_chunk_frames", "video_frames"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise bad(field, f"must be an integer or None, got {type(value).__name__}")
+        for field in ("cross_attn_implementation", "cross_attn_gating_type", "cross_attn_decode_mode", "mm_projector_type"):
+            if not isinstance(getattr(self, field), str):
+                raise bad(field, "must be a string")
         if self.video_frames is not None and self.video_frames < 1:
             raise bad("video_frames", "must be >= 1 or None")
-        if self.cross_attn_min_layer_depth < 0:
-            raise bad("cross_attn_min_layer_depth", "must be >= 0")
         if self.cross_attn_max_layer_depth is not None and self.cross_attn_max_layer_depth < 0:
             raise bad("cross_attn_max_layer_depth", "must be >= 0 or None")
         try:
