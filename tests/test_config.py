@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 import llava.model  # noqa: F401
@@ -61,3 +62,19 @@ def test_mm_hidden_size_must_match_the_tower(tmp_path):
 
     with pytest.raises(ValueError, match="mm_hidden_size"):
         LlavaQwenSlowFastForCausalLM(tiny_config(mm_hidden_size=100))
+
+
+def test_released_shape_builds_on_meta_device_with_8_5b_parameters():
+    from llava.model import LlavaQwenSlowFastForCausalLM
+
+    config = LlavaQwenSlowFastConfig(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+    )
+    with torch.device("meta"):
+        model = LlavaQwenSlowFastForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    assert 8.4e9 < total < 8.7e9
+    assert [i for i, layer in enumerate(model.model.layers) if hasattr(layer.self_attn, "cross_attn_kv_proj")] == [0, 8, 16, 24]
+    assert model.model.layers[0].self_attn.cross_attn_kv_proj.weight.shape == (2 * 4 * 128, 3584)
+    assert model.get_vision_tower().num_patches_per_side == 18 and config.mm_hidden_size == 3072

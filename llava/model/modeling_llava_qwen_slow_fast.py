@@ -441,6 +441,17 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         return super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, **kwargs)
 
     # -- training helpers ------------------------------------------------------------------------------
+    def load_vision_tower_weights(self, source: str | None = None) -> None:
+        """Load the tower's weights from ``source`` (default ``config.vision_tower_pretrained``): a local
+        file in timm, open_clip or reference layout, or a timm pretrained name such as
+        ``convnext_xxlarge.clip_laion2b_soup``. Works with ZeRO-3 partitioned parameters."""
+        source = source or self.config.vision_tower_pretrained
+        if not source:
+            raise ValueError("no vision tower weights given: pass a source or set config.vision_tower_pretrained")
+        tower = self.get_vision_tower()
+        with _gathered(list(tower.parameters())):
+            tower.load_pretrained(source)
+
     def initialize_cross_attn_kv_from_lm(self, layout: str = "per_head") -> None:
         """Start every hybrid layer's ``cross_attn_kv_proj`` from its ``k_proj``/``v_proj`` (see
         [`SlowFastAttention.init_cross_attn_kv_from_lm`]). Works with ZeRO-3 partitioned parameters."""

@@ -138,7 +138,11 @@ class ConvNeXtVisionTower(nn.Module):
             state = pretrained.state_dict()
         state = _to_timm_layout(state, self.vision_tower)
         state = {k: v for k, v in timm_to_reference_keys(state).items() if not k.startswith("head.fc.")}
-        missing, unexpected = self.vision_tower.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.vision_tower.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+            raise ValueError(f"vision_tower_pretrained={source!r} does not fit the tower {self.spec}: {first}") from None
         missing = [k for k in missing if not k.startswith("head.")]
         if missing:
             raise ValueError(
