@@ -195,7 +195,9 @@ class ChatSession:
         self.conversation = conv_templates[self.conv_mode].copy()
         self._turns = 0
 
-    def load_video(self, path: str | os.PathLike[str], max_frames: int | None = None, fps: float | None = None) -> VideoStats:
+    def load_video(
+        self, path: str | os.PathLike[str], max_frames: int | None = None, fps: float | None = None
+    ) -> VideoStats:
         """Decode ``path`` (see :func:`llava.video.load_video`), encode it, and start a new conversation about it.
 
         ``max_frames`` defaults to :attr:`default_max_frames`; ``fps`` samples at that rate instead of uniformly.
@@ -280,7 +282,8 @@ class ChatSession:
             criteria.append(KeywordsStoppingCriteria([self._stop_string], self.tokenizer, torch.empty(1, 0)))
         if eos_ids:
             kwargs["eos_token_id"] = eos_ids
-        if getattr(self.model.generation_config, "pad_token_id", None) is None and self.tokenizer.pad_token_id is not None:
+        has_pad = getattr(self.model.generation_config, "pad_token_id", None) is not None
+        if not has_pad and self.tokenizer.pad_token_id is not None:
             kwargs["pad_token_id"] = self.tokenizer.pad_token_id
         kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
         return kwargs
@@ -458,12 +461,15 @@ def _print_piece(text: str) -> None:
 @contextlib.contextmanager
 def _quiet_libraries(verbose: bool) -> Iterator[None]:
     """No progress bars; library warnings only with ``--verbose``. Restores the previous settings."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    level = hf_logging.WARNING if verbose else hf_logging.ERROR
+    verbosity, hub_verbosity = hf_logging.get_verbosity(), hub_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity(hf_logging.WARNING if verbose else hf_logging.ERROR)
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity(level)
+    hub_logging.set_verbosity(level)  # e.g. its "Retrying in 1s" lines while a hub id cannot be reached
+    hf_logging.disable_progress_bar()  # the hub's bars too
     try:
         with warnings.catch_warnings():
             if not verbose:
@@ -471,6 +477,7 @@ def _quiet_libraries(verbose: bool) -> Iterator[None]:
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        hub_logging.set_verbosity(hub_verbosity)
         if bars:
             hf_logging.enable_progress_bar()
 
@@ -481,15 +488,16 @@ def _native_stderr_silenced(enabled: bool) -> Iterator[None]:
 
     The decoder's complaint still reaches the user through the ``VideoLoadError`` message.
     """
-    try:
-        fd = sys.stderr.fileno() if enabled else -1
-    except (AttributeError, OSError, ValueError):  # a captured/replaced sys.stderr has no descriptor
-        fd = -1
-    if fd < 0:
+    fd = 2  # what C code writes to, whatever sys.stderr is
+    saved = -1
+    if enabled:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            saved = os.dup(fd)
+    if saved < 0:
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), fd)
@@ -519,7 +527,8 @@ def _report_answer(verbose: bool, answer: AnswerStats) -> None:
     if rate is None:
         _log(verbose, f"decode: n/a ({answer.new_tokens} token(s) generated)")
     else:
-        _log(verbose, f"decode: {rate:.1f} tokens/s ({answer.new_tokens - 1} tokens after the first in {answer.decode_s:.3f} s)")
+        _log(verbose, f"decode: {rate:.1f} tokens/s ({answer.new_tokens - 1} tokens after the first "
+                      f"in {answer.decode_s:.3f} s)")
     _log(verbose, f"tokens: fast {answer.fast_tokens}, slow {answer.slow_tokens}, text {answer.text_tokens}, "
                   f"generated {answer.new_tokens}")
 
@@ -528,6 +537,13 @@ def _answer(session: ChatSession, question: str, verbose: bool) -> None:
     answer = session.ask(question, on_text=_print_piece)
     print(flush=True)
     _report_answer(verbose, answer)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _chat(session: ChatSession, first_question: str | None, verbose: bool) -> int:
@@ -542,6 +558,8 @@ def _chat(session: ChatSession, first_question: str | None, verbose: bool) -> in
             except EOFError:
                 print(flush=True)
                 return 0
+            if not _is_terminal(sys.stdin):  # no terminal echoed a piped question: keep the transcript readable
+                print(question, flush=True)
         question = question.strip()
         if not question:
             continue
