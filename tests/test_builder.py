@@ -74,6 +74,9 @@ def test_model_card_snippet_runs_unchanged_on_cpu(tiny_checkpoint, monkeypatch):
 
     snippet = (Path(__file__).resolve().parents[1] / "playground" / "model_card_snippet.py").read_text()
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    # the snippet calls disable_torch_init(), which patches torch globally: undo it after the test
+    for cls in (torch.nn.Linear, torch.nn.LayerNorm):
+        monkeypatch.setattr(cls, "reset_parameters", cls.reset_parameters)
     namespace = {"__name__": "snippet"}
     code = snippet.replace(
         'model_path = "shi-labs/slowfast-video-mllm-qwen2-7b-convnext-576-frame64-s1t4"', f"model_path = {tiny_checkpoint!r}"

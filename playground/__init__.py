@@ -1,0 +1,1 @@
+"""Playground scripts and tools that sit outside the installed ``llava`` package."""

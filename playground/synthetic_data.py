@@ -1,0 +1,564 @@
+"""Deterministic synthetic video-QA dataset: moving shapes, still images and text-only questions.
+
+Every video shows one to three solid shapes (square, circle, triangle), each in its own colour (red,
+green, blue, yellow, white), on a plain dark background. A shape either stands still or moves in a
+straight line (left, right, up, down), and may appear after the first frame. Each video is described by
+a :class:`SceneSpec`, and every answer is computed from the spec, never from pixels; shapes never
+overlap and never leave the frame, so the answers are also visible in the rendered frames.
+
+Layout written under ``DIR``::
+
+    videos/{split}_{i:04d}.mp4    images/{split}_{i:04d}.png    {split}.json    {split}.jsonl
+
+The JSON is a list of LLaVA-style samples with paths relative to ``DIR``::
+
+    {"id": ..., "video": "videos/train_0000.mp4",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat color is the circle?"},
+                       {"from": "gpt", "value": "red"}]}
+
+Text-only samples have neither ``video`` nor ``image`` and no ``<image>``.
+
+Usage::
+
+    python -m playground.synthetic_data --out DIR [--num-videos 24] [--num-images 6] [--num-text 6]
+        [--size 64] [--frames 16] [--fps 8] [--seed 0] [--split train]
+
+The split name is mixed into the seed, so two splits generated with the same ``--seed`` still differ,
+and the same arguments give byte-identical JSON and identical frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 30, 30),
+    "green": (30, 200, 60),
+    "blue": (40, 90, 245),
+    "yellow": (245, 220, 30),
+    "white": (245, 245, 245),
+}
+DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down", "still")
+# Unit steps (dx, dy) in image coordinates: y grows downwards.
+_STEPS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+NUMBER_WORDS: tuple[str, ...] = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+)  # fmt: skip
+
+VIDEO_FAMILIES: tuple[str, ...] = ("video_color", "video_direction", "video_count", "video_first")
+IMAGE_FAMILIES: tuple[str, ...] = ("image_color", "image_count")
+TEXT_FAMILIES: tuple[str, ...] = ("text_mix", "text_words", "text_arith", "text_sides")
+FAMILIES: tuple[str, ...] = VIDEO_FAMILIES + IMAGE_FAMILIES + TEXT_FAMILIES
+
+IMAGE_TOKEN = "<image>"
+MIN_SIZE, MAX_SIZE = 64, 128
+MIN_FRAMES, MAX_FRAMES = 8, 32
+# Gap kept between the bounding boxes of any two shapes in every frame.
+_MARGIN = 2
+
+_MIXES: tuple[tuple[str, str, str], ...] = (
+    ("blue", "yellow", "green"),
+    ("red", "yellow", "orange"),
+    ("red", "blue", "purple"),
+    ("red", "white", "pink"),
+    ("black", "white", "gray"),
+)
+_POLYGON_SIDES: dict[str, int] = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "octagon": 8}
+_WORDS: tuple[str, ...] = (
+    "the", "cat", "sat", "on", "a", "red", "mat", "dog", "runs", "fast", "in", "park", "sun", "is", "warm",
+    "we", "like", "green", "apples", "birds", "sing", "every", "morning", "small", "boat", "sails", "home",
+)  # fmt: skip
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One solid shape of a scene.
+
+    Attributes:
+        shape: one of :data:`SHAPES`.
+        color: one of the names in :data:`COLORS`.
+        size: side of the shape's square bounding box in pixels.
+        x: column of the bounding box's top-left corner in the frame where the shape appears.
+        y: row of that corner.
+        direction: one of :data:`DIRECTIONS`.
+        speed: pixels per frame along ``direction`` (0 when still).
+        appear: index of the first frame that shows the shape; it stays visible until the end.
+    """
+
+    shape: str
+    color: str
+    size: int
+    x: int
+    y: int
+    direction: str
+    speed: float
+    appear: int
+
+    def position(self, t: int) -> tuple[int, int] | None:
+        """Top-left ``(x, y)`` of the bounding box in frame ``t``, or ``None`` before the shape appears."""
+        if t < self.appear:
+            return None
+        dx, dy = _STEPS[self.direction]
+        travelled = self.speed * (t - self.appear)
+        return int(round(self.x + dx * travelled)), int(round(self.y + dy * travelled))
+
+    def center(self, t: int) -> tuple[int, int] | None:
+        """A ``(row, col)`` pixel inside the shape in frame ``t`` (the box centre), or ``None`` if not shown."""
+        pos = self.position(t)
+        if pos is None:
+            return None
+        return pos[1] + self.size // 2, pos[0] + self.size // 2
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """A whole clip: square frames of ``size`` pixels, ``frames`` long, shapes drawn over ``background``."""
+
+    size: int
+    frames: int
+    background: tuple[int, int, int]
+    shapes: tuple[ShapeSpec, ...]
+
+    @property
+    def staggered(self) -> bool:
+        """Whether exactly one shape appears first and at least one other appears later."""
+        appears = sorted(s.appear for s in self.shapes)
+        return len(appears) > 1 and appears[0] < appears[1]
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question-answer turn and the family it belongs to (one of :data:`FAMILIES`)."""
+
+    family: str
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    """One conversation of the dataset before it is serialised.
+
+    ``media`` is ``"video"``, ``"image"`` or ``None`` (text-only); ``media_index`` indexes
+    :attr:`DatasetPlan.videos` or :attr:`DatasetPlan.images`.
+    """
+
+    id: str
+    media: str | None
+    media_index: int | None
+    turns: tuple[QA, ...]
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """Everything :func:`generate_dataset` writes, computed without touching the disk."""
+
+    split: str
+    seed: int
+    videos: tuple[SceneSpec, ...]
+    images: tuple[SceneSpec, ...]
+    samples: tuple[PlannedSample, ...]
+
+    def video_path(self, index: int) -> str:
+        """Path of video ``index`` relative to the dataset root."""
+        return f"videos/{self.split}_{index:04d}.mp4"
+
+    def image_path(self, index: int) -> str:
+        """Path of image ``index`` relative to the dataset root."""
+        return f"images/{self.split}_{index:04d}.png"
+
+    def records(self) -> list[dict[str, Any]]:
+        """The samples in the LLaVA training-annotation format."""
+        out = []
+        for sample in self.samples:
+            record: dict[str, Any] = {"id": sample.id}
+            if sample.media == "video":
+                record["video"] = self.video_path(sample.media_index)
+            elif sample.media == "image":
+                record["image"] = self.image_path(sample.media_index)
+            conversations = []
+            for k, qa in enumerate(sample.turns):
+                prefix = f"{IMAGE_TOKEN}\n" if sample.media is not None and k == 0 else ""
+                conversations.append({"from": "human", "value": prefix + qa.question})
+                conversations.append({"from": "gpt", "value": qa.answer})
+            record["conversations"] = conversations
+            out.append(record)
+        return out
+
+    def family_counts(self) -> dict[str, int]:
+        """Number of question-answer turns per family (every family listed, zeros included)."""
+        counts = dict.fromkeys(FAMILIES, 0)
+        for sample in self.samples:
+            for qa in sample.turns:
+                counts[qa.family] += 1
+        return counts
+
+
+# ----------------------------------------------------------------- rendering
+
+
+def shape_mask(shape: str, size: int) -> np.ndarray:
+    """Boolean ``[size, size]`` mask of ``shape`` filling its bounding box (triangles point up)."""
+    rows, cols = np.mgrid[0:size, 0:size]
+    # Pixel centres sit at +0.5, so the masks are symmetric about the box centre.
+    r, c = rows + 0.5, cols + 0.5
+    half = size / 2
+    if shape == "square":
+        return np.ones((size, size), dtype=bool)
+    if shape == "circle":
+        return (r - half) ** 2 + (c - half) ** 2 <= half**2
+    if shape == "triangle":
+        return np.abs(c - half) <= r / 2
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def render_scene(spec: SceneSpec) -> np.ndarray:
+    """Draw ``spec`` as a ``uint8`` RGB array of shape ``[frames, size, size, 3]``."""
+    video = np.empty((spec.frames, spec.size, spec.size, 3), dtype=np.uint8)
+    video[:] = spec.background
+    for shape in spec.shapes:
+        mask = shape_mask(shape.shape, shape.size)
+        for t in range(shape.appear, spec.frames):
+            x, y = shape.position(t)
+            video[t, y : y + shape.size, x : x + shape.size][mask] = COLORS[shape.color]
+    return video
+
+
+# ----------------------------------------------------------------- scene sampling
+
+
+def _boxes_overlap(a: ShapeSpec, b: ShapeSpec, frames: int) -> bool:
+    for t in range(max(a.appear, b.appear), frames):
+        (ax, ay), (bx, by) = a.position(t), b.position(t)
+        if ax < bx + b.size + _MARGIN and bx < ax + a.size + _MARGIN and ay < by + b.size + _MARGIN and by < ay + a.size + _MARGIN:
+            return True
+    return False
+
+
+def _sample_shape(rng: np.random.Generator, shape: str, color: str, size: int, frames: int, appear: int, still: bool) -> ShapeSpec:
+    lo, hi = max(6, math.ceil(0.10 * size)), math.floor(0.30 * size)
+    side = int(rng.integers(lo, hi + 1))
+    room = size - side  # top-left coordinates range over [0, room]
+    direction = "still" if still else str(rng.choice(DIRECTIONS))
+    if direction == "still":
+        return ShapeSpec(shape, color, side, int(rng.integers(0, room + 1)), int(rng.integers(0, room + 1)), "still", 0.0, appear)
+    # Travel a visible distance (at least a fifth of the frame) and end inside the frame.
+    distance = int(rng.integers(max(size // 5, room // 3), room + 1))
+    start = int(rng.integers(0, room - distance + 1))
+    if direction in ("left", "up"):
+        start += distance
+    across = int(rng.integers(0, room + 1))
+    x, y = (start, across) if direction in ("left", "right") else (across, start)
+    return ShapeSpec(shape, color, side, x, y, direction, distance / (frames - 1 - appear), appear)
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    size: int = 64,
+    frames: int = 16,
+    num_shapes: int | None = None,
+    staggered: bool | None = None,
+    still: bool = False,
+) -> SceneSpec:
+    """Draw a random scene whose shapes have distinct types and colours and never overlap.
+
+    Args:
+        rng: source of randomness (the only one).
+        size: frame width and height in pixels.
+        frames: clip length; 1 gives a still image.
+        num_shapes: 1 to 3, random when ``None``.
+        staggered: force (``True``) or forbid (``False``) a single first shape followed by later ones;
+            random when ``None``. Needs ``num_shapes != 1`` and ``frames >= 8`` when ``True``.
+        still: make every shape stand still.
+    """
+    if num_shapes is None:
+        num_shapes = int(rng.integers(2 if staggered else 1, 4))
+    if not 1 <= num_shapes <= len(SHAPES):
+        raise ValueError(f"num_shapes must be in [1, {len(SHAPES)}], got {num_shapes}")
+    if staggered is None:
+        staggered = num_shapes > 1 and frames >= MIN_FRAMES and bool(rng.random() < 0.4)
+    if staggered and (num_shapes < 2 or frames < MIN_FRAMES):
+        raise ValueError("a staggered scene needs at least two shapes and at least 8 frames")
+
+    if rng.random() < 0.5:
+        grey = int(rng.integers(20, 61))
+        background = (grey, grey, grey)
+    else:
+        background = tuple(int(v) for v in rng.integers(0, 71, size=3))
+    kinds = [str(s) for s in rng.permutation(SHAPES)[:num_shapes]]
+    colors = [str(c) for c in rng.permutation(list(COLORS))[:num_shapes]]
+    # The first shape is on screen from frame 0; later ones pop in by mid-clip so their motion stays visible.
+    appears = [0] * num_shapes
+    if staggered:
+        appears[1:] = [int(a) for a in rng.integers(2, frames // 2 + 1, size=num_shapes - 1)]
+
+    for _ in range(1000):
+        placed: list[ShapeSpec] = []
+        for kind, color, appear in zip(kinds, colors, appears):
+            for _ in range(100):
+                candidate = _sample_shape(rng, kind, color, size, frames, appear, still or frames == 1)
+                if not any(_boxes_overlap(candidate, other, frames) for other in placed):
+                    placed.append(candidate)
+                    break
+            else:
+                break
+        if len(placed) == num_shapes:
+            return SceneSpec(size, frames, background, tuple(placed))
+    raise RuntimeError("could not place non-overlapping shapes")  # pragma: no cover - never seen in practice
+
+
+# ----------------------------------------------------------------- questions
+
+
+def scene_questions(spec: SceneSpec, media: str = "video") -> dict[str, list[QA]]:
+    """Every question the scene answers, by family (``media`` is ``"video"`` or ``"image"``).
+
+    Images get colour and count questions only; videos add direction and, when
+    :attr:`SceneSpec.staggered`, which shape appears first.
+    """
+    out: dict[str, list[QA]] = {
+        f"{media}_color": [QA(f"{media}_color", f"What color is the {s.shape}?", s.color) for s in spec.shapes],
+        f"{media}_count": [QA(f"{media}_count", "How many shapes are there?", NUMBER_WORDS[len(spec.shapes)])],
+    }
+    if media == "video":
+        out["video_direction"] = [
+            QA("video_direction", f"Which direction does the {s.color} {s.shape} move?", s.direction) for s in spec.shapes
+        ]
+        if spec.staggered:
+            first = min(spec.shapes, key=lambda s: s.appear)
+            out["video_first"] = [QA("video_first", "Which shape appears first?", first.shape)]
+    return out
+
+
+def _pick_turns(rng: np.random.Generator, pool: dict[str, list[QA]], primary: str, max_extra: int) -> list[QA]:
+    """The primary family's question first, then up to ``max_extra`` other distinct questions."""
+    first = pool[primary][int(rng.integers(len(pool[primary])))]
+    rest = [qa for qas in pool.values() for qa in qas if qa != first]
+    extra = min(int(rng.integers(0, max_extra + 1)), len(rest))
+    return [first] + [rest[int(i)] for i in rng.permutation(len(rest))[:extra]]
+
+
+def _media_samples(rng: np.random.Generator, turns: list[QA], media: str, index: int, split: str) -> list[PlannedSample]:
+    """Half the time one multi-turn conversation, otherwise one single-turn sample per question."""
+    if len(turns) > 1 and rng.random() < 0.5:
+        groups = [tuple(turns)]
+    else:
+        groups = [(qa,) for qa in turns]
+    return [PlannedSample(f"{split}_{media}_{index:04d}_{k}", media, index, group) for k, group in enumerate(groups)]
+
+
+def text_question(rng: np.random.Generator, family: str) -> QA:
+    """One text-only question of ``family`` (one of :data:`TEXT_FAMILIES`)."""
+    if family == "text_mix":
+        a, b, mixed = _MIXES[int(rng.integers(len(_MIXES)))]
+        if rng.random() < 0.5:
+            a, b = b, a
+        return QA(family, f"What color do you get by mixing {a} and {b}?", mixed)
+    if family == "text_words":
+        words = [_WORDS[int(i)] for i in rng.integers(0, len(_WORDS), size=int(rng.integers(3, 10)))]
+        sentence = " ".join(words).capitalize() + "."
+        return QA(family, f'How many words are in the sentence "{sentence}"?', NUMBER_WORDS[len(words)])
+    if family == "text_arith":
+        a, b = (int(v) for v in rng.integers(1, 10, size=2))
+        return QA(family, f"What is {a} plus {b}?", NUMBER_WORDS[a + b])
+    if family == "text_sides":
+        polygon = list(_POLYGON_SIDES)[int(rng.integers(len(_POLYGON_SIDES)))]
+        return QA(family, f"How many sides does a {polygon} have?", NUMBER_WORDS[_POLYGON_SIDES[polygon]])
+    raise ValueError(f"unknown text family {family!r}; expected one of {TEXT_FAMILIES}")
+
+
+# ----------------------------------------------------------------- planning and writing
+
+
+def _check_args(num_videos: int, num_images: int, num_text: int, size: int, frames: int, fps: int, split: str) -> None:
+    for name, value in (("num_videos", num_videos), ("num_images", num_images), ("num_text", num_text)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if not MIN_SIZE <= size <= MAX_SIZE or size % 2:
+        raise ValueError(f"size must be even and in [{MIN_SIZE}, {MAX_SIZE}], got {size}")
+    if not MIN_FRAMES <= frames <= MAX_FRAMES:
+        raise ValueError(f"frames must be in [{MIN_FRAMES}, {MAX_FRAMES}], got {frames}")
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+    if not _SPLIT_RE.match(split):
+        raise ValueError(f"split must match {_SPLIT_RE.pattern} (it is used in file names), got {split!r}")
+
+
+def plan_dataset(
+    num_videos: int = 24,
+    num_images: int = 6,
+    num_text: int = 6,
+    size: int = 64,
+    frames: int = 16,
+    seed: int = 0,
+    split: str = "train",
+) -> DatasetPlan:
+    """Decide every scene, image and conversation of a dataset without writing anything.
+
+    Videos, images and text draw from independent streams seeded by ``(seed, split)``, so changing one
+    count leaves the others unchanged, and the first ``n`` videos are the same for any ``num_videos >= n``.
+    Video ``i``'s first question cycles through :data:`VIDEO_FAMILIES` (image ``i`` and text sample ``i``
+    likewise), so every family appears once the counts reach the number of families.
+    """
+    _check_args(num_videos, num_images, num_text, size, frames, 1, split)
+    # crc32 rather than hash(): str hashes are salted per process.
+    video_rng, image_rng, text_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([seed, zlib.crc32(split.encode())]).spawn(3)
+    )
+
+    samples: list[PlannedSample] = []
+    videos = []
+    for i in range(num_videos):
+        primary = VIDEO_FAMILIES[i % len(VIDEO_FAMILIES)]
+        spec = sample_scene(video_rng, size, frames, staggered=True if primary == "video_first" else None)
+        videos.append(spec)
+        turns = _pick_turns(video_rng, scene_questions(spec, "video"), primary, max_extra=2)
+        samples += _media_samples(video_rng, turns, "video", i, split)
+
+    images = []
+    for i in range(num_images):
+        primary = IMAGE_FAMILIES[i % len(IMAGE_FAMILIES)]
+        spec = sample_scene(image_rng, size, 1, staggered=False, still=True)
+        images.append(spec)
+        turns = _pick_turns(image_rng, scene_questions(spec, "image"), primary, max_extra=1)
+        samples += _media_samples(image_rng, turns, "image", i, split)
+
+    for i in range(num_text):
+        qa = text_question(text_rng, TEXT_FAMILIES[i % len(TEXT_FAMILIES)])
+        samples.append(PlannedSample(f"{split}_text_{i:04d}", None, None, (qa,)))
+
+    return DatasetPlan(split, seed, tuple(videos), tuple(images), tuple(samples))
+
+
+def _pick_codec() -> str:
+    import av
+
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def write_video(frames: np.ndarray, path: str | os.PathLike[str], fps: int = 8) -> str:
+    """Encode ``[T, H, W, 3]`` RGB ``uint8`` frames to ``path`` (even H and W); returns the codec used."""
+    import av
+
+    codec = _pick_codec()
+    _, height, width, _ = frames.shape
+    # bitexact keeps library version strings out of the container so reruns give the same bytes.
+    with av.open(str(path), mode="w", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps, 1))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            # Low crf keeps the small saturated shapes' colours; one thread keeps the bitstream reproducible.
+            stream.options = {"crf": "18", "preset": "medium", "threads": "1"}
+        else:
+            stream.bit_rate = 400_000
+        for rgb in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return codec
+
+
+def generate_dataset(
+    out: str | os.PathLike[str],
+    num_videos: int = 24,
+    num_images: int = 6,
+    num_text: int = 6,
+    size: int = 64,
+    frames: int = 16,
+    fps: int = 8,
+    seed: int = 0,
+    split: str = "train",
+) -> dict[str, Any]:
+    """Render and write a dataset under ``out`` (see the module docstring for the layout).
+
+    Args:
+        out: dataset root; created if missing. Existing files of the same split are overwritten.
+        num_videos: number of clips (each gives one or more samples).
+        num_images: number of still images (each gives one or more samples).
+        num_text: number of text-only samples.
+        size: frame width and height, even, in [64, 128].
+        frames: frames per clip, in [8, 32].
+        fps: frame rate written to the videos.
+        seed: random seed; the split name is mixed in.
+        split: name used in file names (letters, digits, ``_`` and ``-``).
+
+    Returns:
+        A summary: split, seed, codec, the JSON/JSONL and media paths, sample counts and
+        ``families`` (question-answer turns per family).
+    """
+    from PIL import Image
+
+    _check_args(num_videos, num_images, num_text, size, frames, fps, split)
+    plan = plan_dataset(num_videos, num_images, num_text, size, frames, seed, split)
+    root = Path(out)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+
+    codec = None
+    for i, spec in enumerate(plan.videos):
+        codec = write_video(render_scene(spec), root / plan.video_path(i), fps)
+    for i, spec in enumerate(plan.images):
+        Image.fromarray(render_scene(spec)[0]).save(root / plan.image_path(i))
+
+    records = plan.records()
+    json_path, jsonl_path = root / f"{split}.json", root / f"{split}.jsonl"
+    json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+    return {
+        "split": split,
+        "seed": seed,
+        "root": str(root),
+        "json": str(json_path),
+        "jsonl": str(jsonl_path),
+        "codec": codec,
+        "videos": [plan.video_path(i) for i in range(len(plan.videos))],
+        "images": [plan.image_path(i) for i in range(len(plan.images))],
+        "num_samples": len(records),
+        "num_video_samples": sum(s.media == "video" for s in plan.samples),
+        "num_image_samples": sum(s.media == "image" for s in plan.samples),
+        "num_text_samples": sum(s.media is None for s in plan.samples),
+        "families": plan.family_counts(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command-line entry point; prints the summary as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="dataset root directory")
+    parser.add_argument("--num-videos", type=int, default=24, help="number of videos (default: 24)")
+    parser.add_argument("--num-images", type=int, default=6, help="number of images (default: 6)")
+    parser.add_argument("--num-text", type=int, default=6, help="number of text-only samples (default: 6)")
+    parser.add_argument("--size", type=int, default=64, help="frame width and height, even, 64-128 (default: 64)")
+    parser.add_argument("--frames", type=int, default=16, help="frames per video, 8-32 (default: 16)")
+    parser.add_argument("--fps", type=int, default=8, help="video frame rate (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--split", default="train", help="split name used in file names (default: train)")
+    args = parser.parse_args(argv)
+    try:
+        summary = generate_dataset(
+            args.out, args.num_videos, args.num_images, args.num_text, args.size, args.frames, args.fps, args.seed, args.split
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
