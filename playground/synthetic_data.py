@@ -213,12 +213,11 @@ class DatasetPlan:
 
 def shape_mask(shape: str, size: int) -> np.ndarray:
     """Boolean ``[size, size]`` mask of ``shape`` filling its bounding box (triangles point up)."""
-    rows, cols = np.mgrid[0:size, 0:size]
-    # Pixel centres sit at +0.5, so the masks are symmetric about the box centre.
-    r, c = rows + 0.5, cols + 0.5
-    half = size / 2
     if shape == "square":
         return np.ones((size, size), dtype=bool)
+    # Pixel centres sit at +0.5, so the masks are symmetric about the box centre.
+    r, c = np.mgrid[0:size, 0:size] + 0.5
+    half = size / 2
     if shape == "circle":
         return (r - half) ** 2 + (c - half) ** 2 <= half**2
     if shape == "triangle":
@@ -539,7 +538,7 @@ def generate_dataset(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; prints the summary as JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m playground.synthetic_data", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="dataset root directory")
     parser.add_argument("--num-videos", type=int, default=24, help="number of videos (default: 24)")
     parser.add_argument("--num-images", type=int, default=6, help="number of images (default: 6)")

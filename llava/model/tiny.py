@@ -119,6 +119,17 @@ def write_tiny_checkpoint(out_dir: str, spec: TinySpec | None = None, base: bool
     return out_dir
 
 
+def write_tower_file(path: str, spec: TinySpec) -> str:
+    """Random ConvNeXt tower weights in timm's layout (what ``--vision_tower_pretrained`` reads)."""
+    from safetensors.torch import save_file
+    from timm.models.convnext import ConvNeXt
+
+    torch.manual_seed(spec.seed + 1)
+    tower = ConvNeXt(depths=spec.vision_depths, dims=spec.vision_dims, num_classes=0, norm_eps=1e-5)
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, path)
+    return path
+
+
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -128,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava.model.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--base", action="store_true", help="write a plain Qwen2 causal LM (training's starting point)")
+    parser.add_argument(
+        "--vision-tower-file", help="also write random ConvNeXt weights (timm layout) to this .safetensors file"
+    )
     parser.add_argument("--frames", type=int, default=defaults.frames, help="frames per video (config video_frames)")
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--vision-depths", type=_int_list, default=defaults.vision_depths)
@@ -174,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.vision_tower_file:
+        write_tower_file(args.vision_tower_file, spec)
     kind = "Qwen2 base" if args.base else "Slow-Fast"
     print(f"wrote a tiny {kind} checkpoint to {path}")
     return 0

@@ -1,0 +1,85 @@
+"""Command-line arguments of the trainer, with the reference's names so its published command lines work."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import transformers
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "A Qwen2 causal LM (stage 1) or a Slow-Fast checkpoint (stage 2)."})
+    version: str = field(default="qwen_1_5", metadata={"help": "Conversation template."})
+    vision_tower: str | None = field(default="convnext-576", metadata={"help": "Vision tower name."})
+    vision_tower_pretrained: str | None = field(
+        default=None,
+        metadata={"help": "Weights for a new model's tower: a local file (timm/open_clip layout) or a timm name, "
+                  "e.g. convnext_xxlarge.clip_laion2b_soup."},
+    )
+    mm_vision_tower_overrides: str | None = field(
+        default=None, metadata={"help": 'JSON, e.g. {"depths": [1,1,1,1], "dims": [16,24,32,48], "image_size": 64}.'}
+    )
+    mm_projector_type: str = field(default="mlp2x_gelu")
+    mm_vision_select_layer: int = field(default=-1, metadata={"help": "Kept for compatibility: the ConvNeXt tower "
+                                                              "always uses its last stage."})
+    mm_vision_select_feature: str = field(default="patch")
+    mm_use_im_start_end: bool = field(default=False)
+    mm_use_im_patch_token: bool = field(default=False)
+    mm_patch_merge_type: str = field(default="flat")
+    tune_mm_mlp_adapter: bool = field(
+        default=False, metadata={"help": "Stage 1: train only the projector and the cross-attention parameters."}
+    )
+    freeze_mm_vision_encoder: bool = field(default=False, metadata={"help": "Keep the vision tower frozen in SFT."})
+    mm_video_pooling_stride: int = field(default=2)
+    mm_vision_chunk_frames: int | None = field(default=None, metadata={"help": "Encode at most this many frames at once."})
+    min_fast_frames: int = field(default=16)
+    tile_image_input: bool = field(default=False)
+    fast_token_spatial_stride: int = field(default=1)
+    fast_token_temporal_stride: int = field(default=4)
+    fast_token_temporal_sampling_stride: int = field(default=1)
+    cross_attn_every_n_layers: int = field(default=8)
+    cross_attn_min_layer_depth: int = field(default=0)
+    cross_attn_max_layer_depth: int | None = field(default=None)
+    cross_attn_implementation: str = field(default="text-only-vanilla-flashattn")
+    cross_attn_gating_type: str = field(default="whole-dynamic-tanh-warmup")
+    cross_attn_head_num: int | None = field(
+        default=None, metadata={"help": "Accepted for the reference's command lines; must equal the LM's heads."}
+    )
+    cross_attn_kv_head_num: int | None = field(
+        default=None, metadata={"help": "Accepted for the reference's command lines; the LM's kv heads are used."}
+    )
+    initialize_cross_attn_kv_from_lm: bool = field(
+        default=False, metadata={"help": "Start cross_attn_kv_proj from each hybrid layer's k_proj/v_proj."}
+    )
+    cross_attn_kv_init_layout: str = field(
+        default="per_head", metadata={"help": "'per_head' (intended) or 'reference' (the reference's stacked layout)."}
+    )
+
+    def tower_overrides(self) -> dict | None:
+        if not self.mm_vision_tower_overrides:
+            return None
+        try:
+            value = json.loads(self.mm_vision_tower_overrides)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--mm_vision_tower_overrides is not valid JSON: {err}") from None
+        if not isinstance(value, dict):
+            raise ValueError("--mm_vision_tower_overrides must be a JSON object")
+        return value
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=4096, metadata={"help": "Longest sequence the LM sees (text + fast tokens)."})
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the projector."})
+    cross_attention_layer_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the cross_attn_* parameters."}
+    )
+    vision_tower_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower."})
+    group_by_modality_length: bool = field(default=False)
+    lora_enable: bool = field(default=False)
+    lora_r: int = field(default=64)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_bias: str = field(default="none")

@@ -1,0 +1,211 @@
+"""Train a Slow-Fast video LLM: stage 1 (pretrain) from a Qwen2 causal LM, stage 2 (SFT) from stage 1's output.
+
+    torchrun --nproc_per_node 8 -m llava.train.train --deepspeed scripts/zero2.json \\
+        --model_name_or_path Qwen/Qwen2-7B-Instruct --tune_mm_mlp_adapter True ... --output_dir out/stage1
+
+The output folder is a complete checkpoint (config, weights, tokenizer, image processor) that
+``load_pretrained_model`` and the CLI load directly. A run whose output folder holds ``checkpoint-*`` resumes
+from the last one.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
+
+from llava.model import LlavaQwenSlowFastConfig, LlavaQwenSlowFastForCausalLM
+from llava.train.arguments import ModelArguments, TrainingArguments
+from llava.train.data import DataArguments, make_supervised_data_module
+from llava.train.trainer import CROSS_ATTN, PROJECTOR, VISION_TOWER, SlowFastTrainer
+
+logger = logging.getLogger("llava.train")
+
+# Fields of ModelArguments copied to a new model's config under the same name.
+_CONFIG_FIELDS = (
+    "mm_projector_type",
+    "mm_vision_select_layer",
+    "mm_vision_select_feature",
+    "mm_use_im_start_end",
+    "mm_use_im_patch_token",
+    "mm_patch_merge_type",
+    "mm_video_pooling_stride",
+    "mm_vision_chunk_frames",
+    "min_fast_frames",
+    "tile_image_input",
+    "fast_token_spatial_stride",
+    "fast_token_temporal_stride",
+    "fast_token_temporal_sampling_stride",
+    "cross_attn_every_n_layers",
+    "cross_attn_min_layer_depth",
+    "cross_attn_max_layer_depth",
+    "cross_attn_implementation",
+    "cross_attn_gating_type",
+)
+
+
+def build_config(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
+    """A Slow-Fast config: the base LM's fields plus the multimodal arguments (stage 1), or the checkpoint's
+    own config (stage 2, where the architecture arguments must agree with it)."""
+    base = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    if base.model_type == LlavaQwenSlowFastConfig.model_type:
+        return base, False
+    if base.model_type != "qwen2":
+        raise ValueError(
+            f"--model_name_or_path {model_args.model_name_or_path}: model_type {base.model_type!r} is neither "
+            "a Qwen2 causal LM nor a Slow-Fast checkpoint"
+        )
+    if model_args.cross_attn_head_num not in (None, base.num_attention_heads):
+        raise ValueError(
+            f"--cross_attn_head_num {model_args.cross_attn_head_num} differs from the LM's "
+            f"{base.num_attention_heads} heads: cross-attention reuses the self-attention queries"
+        )
+    fields = base.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        fields.pop(key, None)
+    fields.update({name: getattr(model_args, name) for name in _CONFIG_FIELDS})
+    fields.update(
+        mm_vision_tower=model_args.vision_tower,
+        mm_vision_tower_overrides=model_args.tower_overrides(),
+        vision_tower_pretrained=model_args.vision_tower_pretrained,
+        image_aspect_ratio=data_args.image_aspect_ratio,
+        video_frames=data_args.video_frames,
+        tokenizer_model_max_length=training_args.model_max_length,
+        tokenizer_padding_side="right",
+        architectures=["LlavaQwenSlowFastForCausalLM"],
+    )
+    return LlavaQwenSlowFastConfig(**fields), True
+
+
+def build_model(model_args, data_args, training_args) -> LlavaQwenSlowFastForCausalLM:
+    config, is_new = build_config(model_args, data_args, training_args)
+    dtype = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else torch.float32)
+    # A new model loads the LM weights into the Slow-Fast architecture directly: hybrid layers, tower and
+    # projector are created by the model's own __init__ (ZeRO-3 partitions them as it builds), nothing is
+    # copied between live modules.
+    model = LlavaQwenSlowFastForCausalLM.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype)
+    if is_new:
+        if model_args.vision_tower_pretrained:
+            model.load_vision_tower_weights(model_args.vision_tower_pretrained)
+        else:
+            logger.warning("no --vision_tower_pretrained: the vision tower starts from random weights")
+        if model_args.initialize_cross_attn_kv_from_lm:
+            model.initialize_cross_attn_kv_from_lm(model_args.cross_attn_kv_init_layout)
+    model.config.use_cache = False
+    return model
+
+
+def set_trainable(model, model_args: ModelArguments) -> None:
+    """Stage 1 (``tune_mm_mlp_adapter``): only the projector and ``cross_attn_*``. Stage 2: everything,
+    except the vision tower with ``freeze_mm_vision_encoder``."""
+    for name, param in model.named_parameters():
+        if model_args.tune_mm_mlp_adapter:
+            param.requires_grad_(PROJECTOR in name or CROSS_ATTN in name)
+        elif model_args.freeze_mm_vision_encoder and VISION_TOWER in name:
+            param.requires_grad_(False)
+        else:
+            param.requires_grad_(True)
+
+
+def apply_lora(model, training_args: TrainingArguments):
+    """LoRA on the language model's linear layers; projector, tower and cross-attention stay fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and not any(key in name for key in (PROJECTOR, CROSS_ATTN, VISION_TOWER, "lm_head"))
+        }
+    )
+    full = [n for n, _ in model.named_modules() if any(n.endswith(k) for k in (PROJECTOR, "cross_attn_kv_proj", "cross_attn_gate_proj"))]
+    lora_config = LoraConfig(
+        r=training_args.lora_r,
+        lora_alpha=training_args.lora_alpha,
+        lora_dropout=training_args.lora_dropout,
+        bias=training_args.lora_bias,
+        target_modules=targets,
+        modules_to_save=full,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora_config)
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    checkpoints = glob.glob(os.path.join(output_dir, "checkpoint-*"))
+    checkpoints = [c for c in checkpoints if c.rsplit("-", 1)[-1].isdigit()]
+    return max(checkpoints, key=lambda c: int(c.rsplit("-", 1)[-1])) if checkpoints else None
+
+
+def train(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.local_process_index == 0 else logging.WARNING,
+    )
+    transformers.set_seed(training_args.seed)
+
+    model = build_model(model_args, data_args, training_args)
+    set_trainable(model, model_args)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, model_max_length=training_args.model_max_length)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>"
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if training_args.lora_enable:
+        model = apply_lora(model, training_args)
+    base_model = model.get_base_model() if training_args.lora_enable else model
+    image_processor = base_model.get_vision_tower().image_processor
+
+    data_module = make_supervised_data_module(
+        tokenizer, image_processor, data_args, base_model.config, max_length=training_args.model_max_length
+    )
+    trainer = SlowFastTrainer(model=model, args=training_args, processing_class=tokenizer, **data_module)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("trainable parameters: %d", trainable)
+
+    resume = last_checkpoint(training_args.output_dir)
+    if resume:
+        logger.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+
+    skipped = data_module["train_dataset"].skipped_count()
+    logger.warning("skipped %d sample(s) that could not be loaded", skipped) if skipped else logger.info("no sample skipped")
+    save_checkpoint(trainer, base_model, tokenizer, image_processor, training_args)
+
+
+def save_checkpoint(trainer, model, tokenizer, image_processor, training_args) -> None:
+    """A complete checkpoint in ``output_dir``: config, weights (LoRA merged), tokenizer, image processor."""
+    model.config.use_cache = True
+    model.config.tune_mm_mlp_adapter = False
+    if training_args.lora_enable:
+        merged = trainer.model.merge_and_unload()
+        trainer.model = merged
+    trainer.save_model(training_args.output_dir)
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(training_args.output_dir)
+        image_processor.save_pretrained(training_args.output_dir)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.save_pretrained(training_args.output_dir)
+
+
+def main() -> int:
+    try:
+        train()
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

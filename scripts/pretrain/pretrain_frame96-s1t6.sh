@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Stage 1 (pretrain), 96 frames, fast-token temporal sampling stride 1, temporal stride 6.
+# MODEL [Qwen/Qwen2-7B-Instruct], DATA_PATH, VIDEO_DIR, OUTPUT_DIR [checkpoints/slowfast-qwen2-7b-frame96-s1t6-pretrain];
+# launch settings: see scripts/launch_train.sh. Extra arguments are passed to the trainer and win.
+source "$(dirname "${BASH_SOURCE[0]}")/../launch_train.sh"
+export MODEL="${MODEL:-Qwen/Qwen2-7B-Instruct}"
+export OUTPUT_DIR="${OUTPUT_DIR:-checkpoints/slowfast-qwen2-7b-frame96-s1t6-pretrain}"
+launch_train "${PRETRAIN_ARGS[@]}" \
+    --video_frames 96 --fast_token_temporal_sampling_stride 1 --fast_token_temporal_stride 6 \
+    -- "$@"
