@@ -243,18 +243,23 @@ def render_scene(spec: SceneSpec) -> np.ndarray:
 def _boxes_overlap(a: ShapeSpec, b: ShapeSpec, frames: int) -> bool:
     for t in range(max(a.appear, b.appear), frames):
         (ax, ay), (bx, by) = a.position(t), b.position(t)
-        if ax < bx + b.size + _MARGIN and bx < ax + a.size + _MARGIN and ay < by + b.size + _MARGIN and by < ay + a.size + _MARGIN:
+        apart_x = ax >= bx + b.size + _MARGIN or bx >= ax + a.size + _MARGIN
+        apart_y = ay >= by + b.size + _MARGIN or by >= ay + a.size + _MARGIN
+        if not (apart_x or apart_y):
             return True
     return False
 
 
-def _sample_shape(rng: np.random.Generator, shape: str, color: str, size: int, frames: int, appear: int, still: bool) -> ShapeSpec:
+def _sample_shape(
+    rng: np.random.Generator, shape: str, color: str, size: int, frames: int, appear: int, still: bool
+) -> ShapeSpec:
     lo, hi = max(6, math.ceil(0.10 * size)), math.floor(0.30 * size)
     side = int(rng.integers(lo, hi + 1))
     room = size - side  # top-left coordinates range over [0, room]
     direction = "still" if still else str(rng.choice(DIRECTIONS))
     if direction == "still":
-        return ShapeSpec(shape, color, side, int(rng.integers(0, room + 1)), int(rng.integers(0, room + 1)), "still", 0.0, appear)
+        x, y = (int(v) for v in rng.integers(0, room + 1, size=2))
+        return ShapeSpec(shape, color, side, x, y, "still", 0.0, appear)
     # Travel a visible distance (at least a fifth of the frame) and end inside the frame.
     distance = int(rng.integers(max(size // 5, room // 3), room + 1))
     start = int(rng.integers(0, room - distance + 1))
@@ -335,7 +340,8 @@ def scene_questions(spec: SceneSpec, media: str = "video") -> dict[str, list[QA]
     }
     if media == "video":
         out["video_direction"] = [
-            QA("video_direction", f"Which direction does the {s.color} {s.shape} move?", s.direction) for s in spec.shapes
+            QA("video_direction", f"Which direction does the {s.color} {s.shape} move?", s.direction)
+            for s in spec.shapes
         ]
         if spec.staggered:
             first = min(spec.shapes, key=lambda s: s.appear)
@@ -351,7 +357,9 @@ def _pick_turns(rng: np.random.Generator, pool: dict[str, list[QA]], primary: st
     return [first] + [rest[int(i)] for i in rng.permutation(len(rest))[:extra]]
 
 
-def _media_samples(rng: np.random.Generator, turns: list[QA], media: str, index: int, split: str) -> list[PlannedSample]:
+def _media_samples(
+    rng: np.random.Generator, turns: list[QA], media: str, index: int, split: str
+) -> list[PlannedSample]:
     """Half the time one multi-turn conversation, otherwise one single-turn sample per question."""
     if len(turns) > 1 and rng.random() < 0.5:
         groups = [tuple(turns)]
@@ -413,7 +421,7 @@ def plan_dataset(
     Video ``i``'s first question cycles through :data:`VIDEO_FAMILIES` (image ``i`` and text sample ``i``
     likewise), so every family appears once the counts reach the number of families.
     """
-    _check_args(num_videos, num_images, num_text, size, frames, 1, split)
+    _check_args(num_videos, num_images, num_text, size, frames, fps=1, split=split)
     # crc32 rather than hash(): str hashes are salted per process.
     video_rng, image_rng, text_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence([seed, zlib.crc32(split.encode())]).spawn(3)
@@ -551,7 +559,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     try:
         summary = generate_dataset(
-            args.out, args.num_videos, args.num_images, args.num_text, args.size, args.frames, args.fps, args.seed, args.split
+            args.out,
+            num_videos=args.num_videos,
+            num_images=args.num_images,
+            num_text=args.num_text,
+            size=args.size,
+            frames=args.frames,
+            fps=args.fps,
+            seed=args.seed,
+            split=args.split,
         )
     except ValueError as exc:
         parser.error(str(exc))

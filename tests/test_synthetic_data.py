@@ -137,7 +137,7 @@ def test_every_question_family_appears(plan: DatasetPlan) -> None:
 
 
 def test_video_questions_have_the_exact_forms_and_valid_answers(plan: DatasetPlan) -> None:
-    for spec, question, answer in _video_qas(plan):
+    for _, question, answer in _video_qas(plan):
         if COLOR_Q.match(question):
             assert answer in COLORS
         elif m := DIRECTION_Q.match(question):
@@ -315,7 +315,9 @@ def test_cli_writes_the_dataset_and_prints_the_summary(tmp_path: Path, capsys) -
     assert (tmp_path / "videos" / "dev_0000.mp4").is_file() and (tmp_path / "images" / "dev_0000.png").is_file()
 
 
-@pytest.mark.parametrize("overrides", [{"size": 63}, {"size": 256}, {"frames": 4}, {"split": "a/b"}, {"num_videos": -1}])
+@pytest.mark.parametrize(
+    "overrides", [{"size": 63}, {"size": 256}, {"frames": 4}, {"split": "a/b"}, {"num_videos": -1}]
+)
 def test_invalid_arguments_are_rejected(overrides: dict) -> None:
     with pytest.raises(ValueError):
         plan_dataset(**{**SMALL, **overrides})

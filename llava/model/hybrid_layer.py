@@ -67,7 +67,7 @@ def slow_cross_attention(
     Returns ``[B, L, H*D]``; rows outside ``query_mask`` are finite but meaningless.
     """
     batch, heads, length, head_dim = query.shape
-    if use_flash and flash_attn_varlen_func is not None and query.is_cuda:
+    if use_flash and flash_attn_varlen_func is not None and query.is_cuda and bool(query_mask.any()):
         return _flash_varlen_cross_attention(query, keys, values, key_mask, query_mask, scaling)
     groups = heads // keys.shape[1]
     # A sample without slow tokens would give an all-masked softmax (NaN); let it attend to its padding,

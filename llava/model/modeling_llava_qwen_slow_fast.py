@@ -371,6 +371,12 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             labels = mm.labels
             slow_tokens, slow_token_mask, cross_attn_query_mask = mm.slow_tokens, mm.slow_token_mask, mm.cross_attn_query_mask
 
+        if self.training and slow_tokens is None and self.get_vision_tower() is not None:
+            inputs_embeds, slow_tokens, slow_token_mask, cross_attn_query_mask = self._dummy_visual_path(
+                input_ids, inputs_embeds
+            )
+            input_ids = None
+
         if slow_token_mask is not None and past_key_values is not None and past_key_values.get_seq_length() > 0:
             # decode step: new tokens are text after the visual input
             if self.config.cross_attn_decode_mode == "reference":
@@ -397,6 +403,25 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def _dummy_visual_path(self, input_ids, inputs_embeds):
+        """Run the vision path on one blank frame and add it with weight zero.
+
+        A training batch without visual input would otherwise skip the tower, projector and ``cross_attn_*``
+        parameters: the loss of a stage-1 batch would have no gradient, and under ZeRO-3 the ranks would
+        disagree on which parameters to gather.
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        tower = self.get_vision_tower()
+        size = tower.spec.image_size
+        tokens = self.encode_images([torch.zeros(1, 3, size, size, device=tower.device, dtype=tower.dtype)])[0]
+        inputs_embeds = inputs_embeds + 0.0 * tokens.fast.sum().to(inputs_embeds.dtype)
+        batch = inputs_embeds.shape[0]
+        slow = tokens.slow.to(inputs_embeds.dtype)[None].expand(batch, -1, -1)
+        slow_mask = torch.zeros(slow.shape[:2], dtype=torch.bool, device=slow.device)
+        query_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        return inputs_embeds, slow, slow_mask, query_mask
 
     @torch.no_grad()
     def generate(

@@ -71,6 +71,9 @@ class ModelArguments:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the dataset's pixel columns (the model reads them through the collator)."}
+    )
     model_max_length: int = field(default=4096, metadata={"help": "Longest sequence the LM sees (text + fast tokens)."})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the projector."})
     cross_attention_layer_lr: float | None = field(
@@ -83,3 +86,13 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_alpha: int = field(default=16)
     lora_dropout: float = field(default=0.05)
     lora_bias: str = field(default="none")
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Warm-up as a fraction of the steps (the reference's name); sets warmup_steps."}
+    )
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()

@@ -151,6 +151,13 @@ def train(argv: list[str] | None = None) -> None:
         level=logging.INFO if training_args.local_process_index == 0 else logging.WARNING,
     )
     transformers.set_seed(training_args.seed)
+    # Set up the process group (gloo on CPU) before ZeRO-3 builds the model, or DeepSpeed starts its own.
+    _ = training_args.device
+    if training_args.deepspeed:
+        import deepspeed
+
+        # ZeRO-3 reads the world size from DeepSpeed's own communicator, which accelerate sets up on GPUs only.
+        deepspeed.init_distributed(dist_backend=training_args.ddp_backend or ("gloo" if training_args.use_cpu else "nccl"))
 
     model = build_model(model_args, data_args, training_args)
     set_trainable(model, model_args)

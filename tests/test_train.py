@@ -1,0 +1,174 @@
+"""Training pieces in one process: model building, trainable sets, learning-rate groups, loss, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava.model.tiny import TinySpec, write_tiny_checkpoint, write_tower_file
+from llava.train.arguments import ModelArguments, TrainingArguments
+from llava.train.data import DataArguments
+from llava.train.train import build_model, last_checkpoint, set_trainable, train
+from llava.train.trainer import SlowFastTrainer, parameter_group_of
+
+from conftest import prompt_ids, random_video, tiny_model
+
+SPEC = TinySpec()
+OVERRIDES = json.dumps({"depths": SPEC.vision_depths, "dims": SPEC.vision_dims, "image_size": SPEC.image_size})
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("base")
+    write_tiny_checkpoint(str(path), TinySpec(), base=True)
+    write_tower_file(str(path / "tower.safetensors"), SPEC)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from playground.synthetic_data import generate_dataset
+
+    path = tmp_path_factory.mktemp("data")
+    generate_dataset(str(path), num_videos=4, num_images=2, num_text=2, size=64, frames=8, seed=0)
+    return path
+
+
+def stage1_args(base_dir: Path, **overrides) -> ModelArguments:
+    fields = dict(
+        model_name_or_path=str(base_dir),
+        vision_tower_pretrained=str(base_dir / "tower.safetensors"),
+        mm_vision_tower_overrides=OVERRIDES,
+        cross_attn_every_n_layers=2,
+        min_fast_frames=1,
+        tune_mm_mlp_adapter=True,
+        initialize_cross_attn_kv_from_lm=True,
+    )
+    fields.update(overrides)
+    return ModelArguments(**fields)
+
+
+def test_stage1_builds_hybrid_model_from_plain_qwen2(base_dir, tmp_path):
+    model = build_model(stage1_args(base_dir), DataArguments(data_path="x"), TrainingArguments(output_dir=str(tmp_path)))
+    assert model.config.hybrid_layer_indices == [0, 2]
+    from safetensors.torch import load_file
+
+    base = load_file(str(base_dir / "model.safetensors"))
+    torch.testing.assert_close(model.model.layers[1].mlp.up_proj.weight, base["model.layers.1.mlp.up_proj.weight"])
+    tower = load_file(str(base_dir / "tower.safetensors"))
+    torch.testing.assert_close(model.get_vision_tower().vision_tower.stem[0].weight, tower["stem.0.weight"])
+    # per-head key/value initialisation from the language model
+    attn = model.model.layers[2].self_attn
+    x = torch.randn(1, 3, 64)
+    keys, _ = attn.project_slow(x)
+    torch.testing.assert_close(keys, attn.k_proj(x).view(1, 3, 2, 16).transpose(1, 2))
+
+
+def test_stage1_trains_only_projector_and_cross_attention():
+    model = tiny_model()
+    set_trainable(model, ModelArguments(model_name_or_path="x", tune_mm_mlp_adapter=True))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("mm_projector" in n or "cross_attn_" in n for n in trainable)
+    assert any("cross_attn_warm_up_gate" in n for n in trainable)
+
+
+def test_stage2_trains_everything_unless_tower_frozen():
+    model = tiny_model()
+    set_trainable(model, ModelArguments(model_name_or_path="x"))
+    assert all(p.requires_grad for p in model.parameters())
+    set_trainable(model, ModelArguments(model_name_or_path="x", freeze_mm_vision_encoder=True))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all("vision_tower" in n for n in frozen)
+
+
+def test_optimizer_uses_separate_learning_rates(tmp_path):
+    model = tiny_model()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-5, mm_projector_lr=1e-3,
+                             cross_attention_layer_lr=2e-4, vision_tower_lr=3e-6, report_to="none")
+    trainer = SlowFastTrainer(model=model, args=args)
+    optimizer = trainer.create_optimizer()
+    by_param = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    expected = {"projector": 1e-3, "cross_attn": 2e-4, "vision_tower": 3e-6, "language_model": 1e-5}
+    for name, param in model.named_parameters():
+        assert by_param[id(param)] == expected[parameter_group_of(name)], name
+
+
+def test_loss_falls_on_a_fixed_small_batch():
+    model = tiny_model().train()
+    ids = torch.cat([prompt_ids(3, 8, seed=1), prompt_ids(3, 8, seed=2)])
+    labels = ids.clone()
+    labels[:, :6] = -100
+    videos = [random_video(4, seed=1), random_video(4, seed=2)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=labels, images=videos).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def common_argv(base_dir: Path, data_dir: Path, out: Path) -> list[str]:
+    return [
+        "--model_name_or_path", str(base_dir), "--data_path", str(data_dir / "train.json"),
+        "--video_folder", str(data_dir), "--image_folder", str(data_dir), "--output_dir", str(out),
+        "--vision_tower_pretrained", str(base_dir / "tower.safetensors"), "--mm_vision_tower_overrides", OVERRIDES,
+        "--cross_attn_every_n_layers", "2", "--min_fast_frames", "1", "--video_frames", "8", "--fps", "0",
+        "--tune_mm_mlp_adapter", "True", "--per_device_train_batch_size", "2", "--model_max_length", "512",
+        "--learning_rate", "1e-3", "--use_cpu", "True", "--report_to", "none", "--save_strategy", "steps",
+        "--save_steps", "2", "--logging_steps", "1", "--dataloader_num_workers", "0",
+    ]
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(base_dir, data_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    train(common_argv(base_dir, data_dir, out) + ["--max_steps", "2"])
+    assert last_checkpoint(str(out)).endswith("checkpoint-2")
+    caplog.set_level(logging.INFO, logger="llava.train")
+    train(common_argv(base_dir, data_dir, out) + ["--max_steps", "4"])
+    assert any("resuming from" in r.getMessage() and "checkpoint-2" in r.getMessage() for r in caplog.records)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_output_is_a_complete_checkpoint(base_dir, data_dir, tmp_path):
+    from llava.model.builder import load_pretrained_model
+
+    out = tmp_path / "stage1"
+    train(common_argv(base_dir, data_dir, out) + ["--max_steps", "1", "--save_strategy", "no"])
+    tokenizer, model, processor, _ = load_pretrained_model(str(out), None, "stage1", device="cpu")
+    assert model.config.hybrid_layer_indices == [0, 2] and processor is not None
+    assert (out / "preprocessor_config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_broken_sample_is_skipped_and_reported(base_dir, data_dir, tmp_path, caplog):
+    samples = json.loads((data_dir / "train.json").read_text())
+    broken = [{"video": "videos/missing.mp4", "conversations": samples[0]["conversations"]}] + samples
+    data = tmp_path / "broken.json"
+    data.write_text(json.dumps(broken))
+    argv = common_argv(base_dir, data_dir, tmp_path / "out")
+    argv[argv.index("--data_path") + 1] = str(data)
+    caplog.set_level(logging.INFO)
+    train(argv + ["--max_steps", "4", "--save_strategy", "no", "--per_device_train_batch_size", "4"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("missing.mp4" in m and "0" in m for m in messages)
+    assert any("skipped 1 sample" in m for m in messages)
+
+
+def test_text_only_batch_still_trains_the_visual_path_in_stage1():
+    model = tiny_model().train()
+    set_trainable(model, ModelArguments(model_name_or_path="x", tune_mm_mlp_adapter=True))
+    ids = torch.randint(1, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()  # would fail without a graph through the trainable parameters
+    used = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    assert any("mm_projector" in n for n in used) and any("cross_attn_kv_proj" in n for n in used)
+    assert all(p.grad.abs().sum() == 0 for n, p in model.named_parameters() if n in used)
