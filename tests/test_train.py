@@ -172,3 +172,19 @@ def test_text_only_batch_still_trains_the_visual_path_in_stage1():
     used = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     assert any("mm_projector" in n for n in used) and any("cross_attn_kv_proj" in n for n in used)
     assert all(p.grad.abs().sum() == 0 for n, p in model.named_parameters() if n in used)
+
+
+def test_lora_run_saves_a_merged_checkpoint(base_dir, data_dir, tmp_path):
+    pytest.importorskip("peft")
+    from llava.model.builder import load_pretrained_model
+
+    stage1 = tmp_path / "stage1"
+    train(common_argv(base_dir, data_dir, stage1) + ["--max_steps", "1", "--save_strategy", "no"])
+    out = tmp_path / "lora"
+    argv = common_argv(stage1, data_dir, out)
+    argv[argv.index("--tune_mm_mlp_adapter") + 1] = "False"
+    train(argv + ["--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2", "--save_strategy", "no"])
+    _, model, _, _ = load_pretrained_model(str(out), None, "lora", device="cpu")
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("lora_" in n for n in names)
+    assert "model.layers.0.self_attn.cross_attn_kv_proj.weight" in names
