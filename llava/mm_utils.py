@@ -110,6 +110,19 @@ def process_images(
 # --------------------------------------------------------------------------------------------
 
 
+def template_stop(conv_mode: str, tokenizer: Any) -> tuple[str | None, int | None]:
+    """The end-of-turn string of template ``conv_mode`` (``<|im_end|>`` for ``qwen_1_5``), and its id when
+    the tokenizer holds it as a single token (``None`` otherwise: stop on the text instead)."""
+    from llava.conversation import SeparatorStyle, conv_templates
+
+    template = conv_templates[conv_mode]
+    stop = template.sep2 if template.sep_style in (SeparatorStyle.TWO, SeparatorStyle.LLAMA_2) else template.sep
+    if not stop:
+        return None, None
+    ids = tokenizer(stop, add_special_tokens=False).input_ids
+    return stop, ids[0] if len(ids) == 1 else None
+
+
 class KeywordsStoppingCriteria(StoppingCriteria):
     """Stop a sequence once its generated text ends with one of ``keywords``.
 

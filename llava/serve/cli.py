@@ -28,8 +28,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from llava.conversation import SeparatorStyle, conv_templates
-from llava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, tokenizer_image_token
+from llava.conversation import conv_templates
+from llava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, template_stop, tokenizer_image_token
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.video import VideoLoadError, load_video
 
@@ -178,7 +178,7 @@ class ChatSession:
         self.video: VideoStats | None = None
         self.visual_tokens: Any = None  # SlowFastTokens of the loaded video
         self.reset()
-        self._stop_string, self._stop_token_id = self._find_stop_token()
+        self._stop_string, self._stop_token_id = template_stop(conv_mode, tokenizer)
 
     @property
     def default_max_frames(self) -> int:
@@ -257,18 +257,6 @@ class ChatSession:
         return answer
 
     # -- internals -----------------------------------------------------------------------------------------
-    def _find_stop_token(self) -> tuple[str | None, int | None]:
-        """The template's end-of-turn string, and its id when the tokenizer has it as a single token."""
-        template = conv_templates[self.conv_mode]
-        if template.sep_style in (SeparatorStyle.TWO, SeparatorStyle.LLAMA_2):
-            stop = template.sep2
-        else:
-            stop = template.sep
-        if not stop:
-            return None, None
-        ids = self.tokenizer(stop, add_special_tokens=False).input_ids
-        return stop, ids[0] if len(ids) == 1 else None
-
     def _stopping_kwargs(self, stop_event: threading.Event) -> dict[str, Any]:
         criteria: list[StoppingCriteria] = [_StopOnEvent(stop_event)]
         kwargs: dict[str, Any] = {}

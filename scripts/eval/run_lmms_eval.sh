@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Score a Slow-Fast checkpoint on one lmms-eval task with the `slowfast_videomllm` plugin.
+#
+#   scripts/eval/run_lmms_eval.sh TASK [extra lmms-eval arguments...]
+#
+# Environment (all optional):
+#   CKPT          checkpoint folder or hub id   (default: the released 64-frame model)
+#   NUM_FRAMES    frames per video              (default: from the checkpoint's name, frame64/96/128;
+#                                                otherwise the checkpoint's own video_frames)
+#   NUM_PROCESSES data-parallel processes       (default: one per visible GPU, 1 without GPUs)
+#   BATCH_SIZE    requests per forward pass     (default 1)
+#   DECODE_MODE   reference | attend            (default reference: decoding exactly as the reported
+#                                                numbers were produced; attend = training-consistent)
+#   BACKEND       decord | pyav                 (default decord)
+#   OUTPUT_DIR    where results are written     (default logs/eval)
+#   MAIN_PORT     accelerate's rendezvous port  (default 29517)
+# Extra arguments go to lmms-eval last, so they win (e.g. --limit 8, --log_samples).
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 TASK [extra lmms-eval arguments...]" >&2
+    exit 2
+fi
+TASK="$1"
+shift
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+
+CKPT="${CKPT:-shi-labs/slowfast-video-mllm-qwen2-7b-convnext-576-frame64-s1t4}"
+if [[ -z "${NUM_FRAMES:-}" ]]; then
+    case "$CKPT" in
+        *frame128*) NUM_FRAMES=128 ;;
+        *frame96*) NUM_FRAMES=96 ;;
+        *frame64*) NUM_FRAMES=64 ;;
+        *) NUM_FRAMES="" ;;
+    esac
+fi
+if [[ -z "${NUM_PROCESSES:-}" ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        NUM_PROCESSES="$(nvidia-smi -L | wc -l)"
+    else
+        NUM_PROCESSES=1
+    fi
+fi
+BATCH_SIZE="${BATCH_SIZE:-1}"
+DECODE_MODE="${DECODE_MODE:-reference}"
+BACKEND="${BACKEND:-decord}"
+OUTPUT_DIR="${OUTPUT_DIR:-logs/eval}"
+PYTHON="${PYTHON:-python}"
+
+MODEL_ARGS="pretrained=${CKPT},video_decode_backend=${BACKEND},cross_attn_decode_mode=${DECODE_MODE},batch_size=${BATCH_SIZE}"
+if [[ -n "$NUM_FRAMES" ]]; then
+    MODEL_ARGS="${MODEL_ARGS},num_frames=${NUM_FRAMES}"
+fi
+LOG_NAME="$(basename "$CKPT")_${TASK}_f${NUM_FRAMES:-cfg}"
+
+LMMS_ARGS=(--model slowfast_videomllm --model_args "$MODEL_ARGS" --tasks "$TASK"
+    --batch_size "$BATCH_SIZE" --log_samples --log_samples_suffix "$LOG_NAME" --output_path "$OUTPUT_DIR")
+
+echo "lmms-eval: task ${TASK}, checkpoint ${CKPT}, frames ${NUM_FRAMES:-from config}, ${NUM_PROCESSES} process(es)"
+if [[ "$NUM_PROCESSES" -gt 1 ]]; then
+    exec "$PYTHON" -m accelerate.commands.launch --num_processes "$NUM_PROCESSES" --main_process_port "${MAIN_PORT:-29517}" \
+        -m lmms_eval "${LMMS_ARGS[@]}" "$@"
+fi
+exec "$PYTHON" -m lmms_eval "${LMMS_ARGS[@]}" "$@"

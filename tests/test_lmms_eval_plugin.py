@@ -1,0 +1,319 @@
+"""The lmms-eval model ``slowfast_videomllm``: registration, request handling, and real lmms-eval runs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e '.[eval]')")
+
+from lmms_eval.api.instance import Instance  # noqa: E402
+from loguru import logger  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from llava.eval.lmms_eval_model import RequestSettings, SlowFastVideoMLLM  # noqa: E402
+from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
+from playground.synthetic_data import write_video  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK, SPLIT = "toy", "test"
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name in ("a", "b", "c"):
+        frames = rng.integers(0, 256, size=(12, 64, 64, 3), dtype=np.uint8)
+        write_video(frames, folder / f"{name}.mp4")
+        paths[name] = str(folder / f"{name}.mp4")
+    broken = folder / "broken.mp4"
+    broken.write_bytes(b"this is not a video" * 10)
+    paths["broken"] = str(broken)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def lmm(tiny_checkpoint) -> SlowFastVideoMLLM:
+    return SlowFastVideoMLLM(pretrained=tiny_checkpoint, num_frames=6, device="cpu", video_decode_backend="pyav")
+
+
+def attach_docs(lmm: SlowFastVideoMLLM, docs: list[dict]) -> None:
+    lmm.task_dict = {TASK: {SPLIT: docs}}
+
+
+def doc_to_visual(doc: dict) -> list:
+    return doc["visual"]
+
+
+def generate_request(doc_id: int, question: str, gen_kwargs: dict | None = None) -> Instance:
+    args = (question, dict(gen_kwargs or {}), doc_to_visual, doc_id, TASK, SPLIT)
+    return Instance(request_type="generate_until", arguments=args, idx=0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
+
+
+def likelihood_request(doc_id: int, context: str, continuation: str) -> Instance:
+    args = (context, continuation, doc_to_visual, doc_id, TASK, SPLIT)
+    return Instance(request_type="loglikelihood", arguments=args, idx=0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
+
+
+def texts(results) -> list[str]:
+    return [r.text for r in results]
+
+
+# ------------------------------------------------------------------------------------------ registration
+def test_entry_point_registers_the_model():
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()
+    assert registry.get_model_class("slowfast_videomllm") is SlowFastVideoMLLM
+
+
+def test_unknown_model_argument_is_named(tiny_checkpoint):
+    with pytest.raises(ValueError, match="num_frame"):
+        SlowFastVideoMLLM.create_from_arg_string(f"pretrained={tiny_checkpoint},num_frame=8,device=cpu")
+
+
+@pytest.mark.parametrize(
+    "arg, field",
+    [("num_frames=0", "num_frames"), ("fps=-1", "fps"), ("video_decode_backend=opencv", "video_decode_backend"),
+     ("cross_attn_decode_mode=zero", "cross_attn_decode_mode"), ("conv_template=vicuna", "conv_template"),
+     ("batch_size=auto", "batch_size")],
+)  # fmt: skip
+def test_bad_model_argument_is_named(tiny_checkpoint, arg, field):
+    with pytest.raises(ValueError, match=field):
+        SlowFastVideoMLLM.create_from_arg_string(f"pretrained={tiny_checkpoint},device=cpu,{arg}")
+
+
+def test_model_args_batch_size_wins_over_the_cli_default(tiny_checkpoint):
+    lmm = SlowFastVideoMLLM.create_from_arg_string(
+        f"pretrained={tiny_checkpoint},batch_size=3,device=cpu", {"batch_size": 1, "max_batch_size": None, "device": None}
+    )
+    assert lmm.batch_size == 3
+    assert lmm.num_frames == 8  # the checkpoint's video_frames when num_frames is not given
+
+
+# ------------------------------------------------------------------------------------------ settings
+def test_request_settings_parse_generation_kwargs():
+    greedy = RequestSettings.from_gen_kwargs({"temperature": 0, "do_sample": False, "max_new_tokens": 16}, 1024)
+    assert (greedy.do_sample, greedy.max_new_tokens, greedy.until) == (False, 16, ())
+    sampled = RequestSettings.from_gen_kwargs({"temperature": 0.7, "top_p": 0.9, "until": "\n", "num_beams": 2}, 1024)
+    assert sampled.generate_kwargs() == {
+        "max_new_tokens": 1024, "num_beams": 2, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
+    }  # fmt: skip
+    assert sampled.until == ("\n",)
+    assert not RequestSettings.from_gen_kwargs({"temperature": 0.7, "do_sample": False}, 8).do_sample
+    with pytest.raises(ValueError, match="top_p"):
+        RequestSettings.from_gen_kwargs({"top_p": 1.5}, 8)
+
+
+def test_generate_until_passes_each_request_its_own_settings(lmm, videos, monkeypatch):
+    attach_docs(lmm, [{"visual": [videos["a"]]}, {"visual": [videos["b"]]}])
+    calls = []
+    real_generate = lmm.model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(lmm.model, "generate", spy)
+    requests = [
+        generate_request(0, "What is shown?", {"max_new_tokens": 3, "temperature": 0}),
+        generate_request(1, "What is shown?", {"max_new_tokens": 5, "temperature": 0.8, "top_p": 0.5, "num_beams": 2}),
+    ]
+    results = lmm.generate_until(requests)
+    seen = sorted((c["max_new_tokens"], c["do_sample"], c["temperature"], c["top_p"], c["num_beams"]) for c in calls)
+    assert seen == [(3, False, None, None, 1), (5, True, 0.8, 0.5, 2)]
+    assert results[0].token_counts.output_tokens <= 3
+    assert results[1].token_counts.output_tokens <= 5
+
+
+def test_until_cuts_the_answer(lmm, videos):
+    attach_docs(lmm, [{"visual": [videos["a"]]}])
+    full = lmm.generate_until([generate_request(0, "Describe it.", {"max_new_tokens": 12})])[0].text
+    assert len(full) >= 4, "the tiny model should produce a few characters"
+    stop = full[2:4]
+    cut = lmm.generate_until([generate_request(0, "Describe it.", {"max_new_tokens": 12, "until": [stop]})])[0].text
+    assert cut == full[: full.index(stop)].strip()
+
+
+def test_batched_generation_equals_one_request_at_a_time(lmm, videos):
+    attach_docs(lmm, [{"visual": [videos["a"]]}, {"visual": [videos["b"]]}, {"visual": []}])
+    requests = [
+        generate_request(0, "What color is it?", {"max_new_tokens": 6}),
+        generate_request(1, "Which way does the square move, and how fast?", {"max_new_tokens": 6}),
+        generate_request(2, "Hello", {"max_new_tokens": 6}),
+    ]
+    lmm._batch_size = 1
+    alone = texts(lmm.generate_until(requests))
+    lmm._batch_size = 3
+    try:
+        batched = texts(lmm.generate_until(requests))
+    finally:
+        lmm._batch_size = 1
+    assert batched == alone
+
+
+def test_questions_on_one_video_encode_it_once(lmm, videos, monkeypatch):
+    lmm._video_cache.clear()
+    attach_docs(lmm, [{"visual": [videos["c"]]}, {"visual": [videos["c"]]}])
+    encoded = []
+    real_encode = lmm.model.encode_images
+    monkeypatch.setattr(lmm.model, "encode_images", lambda images: encoded.append(1) or real_encode(images))
+    lmm.generate_until([generate_request(0, "First?", {"max_new_tokens": 2}), generate_request(1, "Second?", {"max_new_tokens": 2})])
+    assert len(encoded) == 1
+
+
+def test_unreadable_video_is_reported_once_and_scored_empty(lmm, videos):
+    attach_docs(lmm, [{"visual": [videos["broken"]]}, {"visual": [videos["broken"]]}, {"visual": [videos["a"]]}])
+    messages = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        results = lmm.generate_until([generate_request(i, "What is shown?", {"max_new_tokens": 4}) for i in range(3)])
+        scores = lmm.loglikelihood([likelihood_request(0, "What is shown?", "red")])
+    finally:
+        logger.remove(sink)
+    reports = [m for m in messages if videos["broken"] in m]
+    assert len(reports) == 1
+    assert [r.text for r in results[:2]] == ["", ""]
+    alone = lmm.generate_until([generate_request(2, "What is shown?", {"max_new_tokens": 4})])[0].text
+    assert results[2].text == alone
+    assert scores[0].text == (float("inf"), False)
+
+
+def test_image_requests_are_answered(lmm):
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    attach_docs(lmm, [{"visual": [image]}])
+    answer = lmm.generate_until([generate_request(0, "What color?", {"max_new_tokens": 5})])[0].text
+
+    pixels = process_images([image], lmm.image_processor, lmm.model.config)
+    prompt = lmm.build_prompt("What color?", 1)
+    ids = tokenizer_image_token(prompt, lmm.tokenizer, return_tensors="pt")[None]
+    expected = lmm.model.generate(ids, images=[pixels[0]], max_new_tokens=5, do_sample=False, eos_token_id=lmm.eot_token_id)
+    assert answer == lmm.tokenizer.decode(expected[0], skip_special_tokens=True).strip()
+
+
+def test_prompt_puts_one_image_marker_per_visual(lmm):
+    assert lmm.build_prompt("Q?", 2).count("<image>") == 2
+    assert lmm.build_prompt("<image>\nQ?", 1).count("<image>") == 1
+    assert "<image>" not in lmm.build_prompt("<image> Q?", 0)
+
+
+# ------------------------------------------------------------------------------------------ likelihood
+def video_pixels(lmm: SlowFastVideoMLLM, path: str) -> torch.Tensor:
+    """``[T, 3, S, S]`` frames of ``path`` as the plugin samples and preprocesses them."""
+    from llava.video import load_video
+
+    clip = load_video(path, lmm.num_frames, backend="pyav")
+    return lmm.image_processor.preprocess(clip.frames, return_tensors="pt")["pixel_values"]
+
+
+def test_loglikelihood_is_the_teacher_forced_negative_log_likelihood(lmm, videos):
+    attach_docs(lmm, [{"visual": [videos["a"]]}])
+    choices = ["red", "blue square", "up"]
+    results = [r.text for r in lmm.loglikelihood([likelihood_request(0, "Which?", c) for c in choices])]
+
+    pixels = video_pixels(lmm, videos["a"])
+    prompt = lmm.build_prompt("Which?", 1)
+    for choice, (nll, greedy) in zip(choices, results):
+        prompt_ids = tokenizer_image_token(prompt, lmm.tokenizer)
+        cont = lmm.tokenizer(choice, add_special_tokens=False).input_ids
+        ids = torch.tensor([prompt_ids + cont])
+        with torch.no_grad():
+            logits = lmm.model(ids, images=[pixels]).logits[0]
+        logprobs = torch.log_softmax(logits.float(), -1)[-len(cont) - 1 : -1]
+        target = torch.tensor(cont)
+        expected = -logprobs.gather(-1, target[:, None]).sum().item()
+        assert nll == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert greedy == bool((logprobs.argmax(-1) == target).all())
+
+
+def test_loglikelihood_does_not_depend_on_batch_size(lmm, videos):
+    attach_docs(lmm, [{"visual": [videos["a"]]}, {"visual": [videos["b"]]}])
+    requests = [likelihood_request(d, "Which?", c) for d in (0, 1) for c in ("red", "green", "a blue circle")]
+    lmm._batch_size = 1
+    alone = [r.text for r in lmm.loglikelihood(requests)]
+    lmm._batch_size = 3
+    try:
+        batched = [r.text for r in lmm.loglikelihood(requests)]
+    finally:
+        lmm._batch_size = 1
+    for (a, ga), (b, gb) in zip(alone, batched):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4) and ga == gb
+
+
+# ------------------------------------------------------------------------------------------ real runs
+EVAL_SCRIPTS = {
+    "videomme": "videomme", "videomme_w_subtitle": "videomme_w_subtitle", "mlvu": "mlvu_dev",
+    "mvbench": "mvbench", "egoschema": "egoschema", "longvideobench": "longvideobench_val_v",
+    "perceptiontest": "perceptiontest_val_mc", "nextqa": "nextqa_mc_test", "activitynetqa": "activitynetqa",
+    "tempcompass": "tempcompass_multi_choice",
+}  # fmt: skip
+
+
+def test_eval_scripts_name_real_lmms_eval_tasks():
+    import re
+
+    from lmms_eval.tasks import TaskManager
+
+    known = set(TaskManager(verbosity="ERROR").all_tasks)
+    for script, task in EVAL_SCRIPTS.items():
+        text = (ROOT / "scripts" / "eval" / f"{script}.sh").read_text()
+        named = re.search(r"run_lmms_eval\.sh\" (\S+)", text)
+        assert named and named.group(1) == task, f"{script}.sh should run {task}"
+        assert task in known, f"{task} is not an lmms-eval task"
+    all_sh = (ROOT / "scripts" / "eval" / "all.sh").read_text()
+    assert all(name in all_sh for name in EVAL_SCRIPTS)
+
+
+def _results(out: Path) -> dict:
+    files = glob.glob(str(out / "*" / "*_results.json"))
+    assert len(files) == 1, f"expected one results file under {out}, found {files}"
+    return json.loads(Path(files[0]).read_text())
+
+
+def _run(command: list[str], tmp_path: Path, **env: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets"), "TOKENIZERS_PARALLELISM": "false", **env}  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_lmms_eval_runs_the_local_task_in_one_and_two_processes(tiny_checkpoint, tmp_path):
+    from playground.lmms_eval_tasks.synthetic_video_qa.prepare import prepare
+
+    summary = prepare()
+    tasks = "synthetic_video_qa,synthetic_video_qa_mc"
+    include = ["--include_path", "playground/lmms_eval_tasks", "--seed", "0"]
+
+    # One process, through the project's evaluation script.
+    script_env = dict(CKPT=tiny_checkpoint, NUM_PROCESSES="1", BATCH_SIZE="4", DECODE_MODE="attend",
+                      OUTPUT_DIR=str(tmp_path / "one"), PYTHON=sys.executable)  # fmt: skip
+    _run(["bash", "scripts/eval/run_lmms_eval.sh", tasks, *include], tmp_path, **script_env)
+    single = _results(tmp_path / "one")
+    for task in tasks.split(","):
+        assert single["n-samples"][task]["effective"] == summary["num_docs"]
+    accuracy = single["results"]["synthetic_video_qa"]["accuracy,none"]
+    mc_accuracy = single["results"]["synthetic_video_qa_mc"]["acc,none"]
+    assert 0.0 <= accuracy <= 100.0 and 0.0 <= mc_accuracy <= 1.0
+    assert glob.glob(str(tmp_path / "one" / "*" / "*_samples_synthetic_video_qa.jsonl"))
+
+    # Two processes: each scores half of the documents; the gathered results are the same.
+    model_args = f"pretrained={tiny_checkpoint},num_frames=8,device=cpu,batch_size=4,cross_attn_decode_mode=attend"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631"]
+    lmms = ["-m", "lmms_eval", "--model", "slowfast_videomllm", "--model_args", model_args, "--tasks", tasks,
+            *include, "--output_path", str(tmp_path / "two")]  # fmt: skip
+    _run([*torchrun, *lmms], tmp_path)
+    double = _results(tmp_path / "two")
+    assert double["n-samples"] == single["n-samples"]
+    assert double["results"]["synthetic_video_qa"]["accuracy,none"] == accuracy
+    assert double["results"]["synthetic_video_qa_mc"]["acc,none"] == pytest.approx(mc_accuracy)
