@@ -2,9 +2,12 @@
 
 Every video shows one to three solid shapes (square, circle, triangle), each in its own colour (red,
 green, blue, yellow, white), on a plain dark background. A shape either stands still or moves in a
-straight line (left, right, up, down), and may appear after the first frame. Each video is described by
-a :class:`SceneSpec`, and every answer is computed from the spec, never from pixels; shapes never
-overlap and never leave the frame, so the answers are also visible in the rendered frames.
+straight line (left, right, up, down), and may appear after the first frame. Some videos also show a
+**flash**: a small square mark, in a colour no shape has, visible in exactly one frame; temporal and
+spatial pooling blur it away, so it is the detail only uncompressed features keep. Each video is
+described by a :class:`SceneSpec`, and every answer is computed from the spec, never from pixels; shapes
+never overlap and never leave the frame, and the flash covers no shape, so the answers are also visible
+in the rendered frames.
 
 Layout written under ``DIR``::
 
@@ -58,7 +61,7 @@ NUMBER_WORDS: tuple[str, ...] = (
     "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
 )  # fmt: skip
 
-VIDEO_FAMILIES: tuple[str, ...] = ("video_color", "video_direction", "video_count", "video_first")
+VIDEO_FAMILIES: tuple[str, ...] = ("video_color", "video_direction", "video_count", "video_first", "video_flash")
 IMAGE_FAMILIES: tuple[str, ...] = ("image_color", "image_count")
 TEXT_FAMILIES: tuple[str, ...] = ("text_mix", "text_words", "text_arith", "text_sides")
 FAMILIES: tuple[str, ...] = VIDEO_FAMILIES + IMAGE_FAMILIES + TEXT_FAMILIES
@@ -68,6 +71,9 @@ MIN_SIZE, MAX_SIZE = 64, 128
 MIN_FRAMES, MAX_FRAMES = 8, 32
 # Gap kept between the bounding boxes of any two shapes in every frame.
 _MARGIN = 2
+# The flash: side as a fraction of the frame (at least 3 px), and the share of other videos that show one.
+FLASH_FRACTION = 0.06
+FLASH_RATE = 0.3
 
 _MIXES: tuple[tuple[str, str, str], ...] = (
     ("blue", "yellow", "green"),
@@ -125,13 +131,27 @@ class ShapeSpec:
 
 
 @dataclass(frozen=True)
+class FlashSpec:
+    """A small square mark of ``color`` with top-left corner ``(x, y)`` and side ``size``, shown in frame
+    ``frame`` only."""
+
+    color: str
+    size: int
+    x: int
+    y: int
+    frame: int
+
+
+@dataclass(frozen=True)
 class SceneSpec:
-    """A whole clip: square frames of ``size`` pixels, ``frames`` long, shapes drawn over ``background``."""
+    """A whole clip: square frames of ``size`` pixels, ``frames`` long, shapes drawn over ``background``,
+    and optionally a one-frame ``flash`` drawn over everything."""
 
     size: int
     frames: int
     background: tuple[int, int, int]
     shapes: tuple[ShapeSpec, ...]
+    flash: FlashSpec | None = None
 
     @property
     def staggered(self) -> bool:
@@ -234,6 +254,9 @@ def render_scene(spec: SceneSpec) -> np.ndarray:
         for t in range(shape.appear, spec.frames):
             x, y = shape.position(t)
             video[t, y : y + shape.size, x : x + shape.size][mask] = COLORS[shape.color]
+    if spec.flash is not None:
+        f = spec.flash
+        video[f.frame, f.y : f.y + f.size, f.x : f.x + f.size] = COLORS[f.color]
     return video
 
 
@@ -270,6 +293,30 @@ def _sample_shape(
     return ShapeSpec(shape, color, side, x, y, direction, distance / (frames - 1 - appear), appear)
 
 
+def _sample_flash(rng: np.random.Generator, size: int, frames: int, shapes: list[ShapeSpec]) -> FlashSpec | None:
+    """A flash in a colour no shape has, in one frame away from both ends, covering no shape in that frame."""
+    colors = [c for c in COLORS if c not in {s.color for s in shapes}]
+    color = str(colors[int(rng.integers(len(colors)))])
+    side = max(3, round(FLASH_FRACTION * size))
+    frame = int(rng.integers(1, frames - 1))
+    for _ in range(200):
+        x, y = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+        clear = True
+        for shape in shapes:
+            pos = shape.position(frame)
+            if pos is None:
+                continue
+            sx, sy = pos
+            apart_x = x >= sx + shape.size + _MARGIN or sx >= x + side + _MARGIN
+            apart_y = y >= sy + shape.size + _MARGIN or sy >= y + side + _MARGIN
+            if not (apart_x or apart_y):
+                clear = False
+                break
+        if clear:
+            return FlashSpec(color, side, x, y, frame)
+    return None
+
+
 def sample_scene(
     rng: np.random.Generator,
     size: int = 64,
@@ -277,6 +324,7 @@ def sample_scene(
     num_shapes: int | None = None,
     staggered: bool | None = None,
     still: bool = False,
+    flash: bool = False,
 ) -> SceneSpec:
     """Draw a random scene whose shapes have distinct types and colours and never overlap.
 
@@ -288,6 +336,7 @@ def sample_scene(
         staggered: force (``True``) or forbid (``False``) a single first shape followed by later ones;
             random when ``None``. Needs ``num_shapes != 1`` and ``frames >= 8`` when ``True``.
         still: make every shape stand still.
+        flash: add a one-frame flash (see :class:`FlashSpec`); needs ``frames >= 3``.
     """
     if num_shapes is None:
         num_shapes = int(rng.integers(2 if staggered else 1, 4))
@@ -297,6 +346,8 @@ def sample_scene(
         staggered = num_shapes > 1 and frames >= MIN_FRAMES and bool(rng.random() < 0.4)
     if staggered and (num_shapes < 2 or frames < MIN_FRAMES):
         raise ValueError("a staggered scene needs at least two shapes and at least 8 frames")
+    if flash and frames < 3:
+        raise ValueError("a flash needs at least 3 frames")
 
     if rng.random() < 0.5:
         grey = int(rng.integers(20, 61))
@@ -321,7 +372,10 @@ def sample_scene(
             else:
                 break
         if len(placed) == num_shapes:
-            return SceneSpec(size, frames, background, tuple(placed))
+            mark = _sample_flash(rng, size, frames, placed) if flash else None
+            if flash and mark is None:
+                continue
+            return SceneSpec(size, frames, background, tuple(placed), mark)
     raise RuntimeError("could not place non-overlapping shapes")  # pragma: no cover - never seen in practice
 
 
@@ -332,7 +386,7 @@ def scene_questions(spec: SceneSpec, media: str = "video") -> dict[str, list[QA]
     """Every question the scene answers, by family (``media`` is ``"video"`` or ``"image"``).
 
     Images get colour and count questions only; videos add direction and, when
-    :attr:`SceneSpec.staggered`, which shape appears first.
+    :attr:`SceneSpec.staggered`, which shape appears first, and, when there is a flash, its colour.
     """
     out: dict[str, list[QA]] = {
         f"{media}_color": [QA(f"{media}_color", f"What color is the {s.shape}?", s.color) for s in spec.shapes],
@@ -346,6 +400,8 @@ def scene_questions(spec: SceneSpec, media: str = "video") -> dict[str, list[QA]
         if spec.staggered:
             first = min(spec.shapes, key=lambda s: s.appear)
             out["video_first"] = [QA("video_first", "Which shape appears first?", first.shape)]
+        if spec.flash is not None:
+            out["video_flash"] = [QA("video_flash", "What color was the flash?", spec.flash.color)]
     return out
 
 
@@ -431,7 +487,10 @@ def plan_dataset(
     videos = []
     for i in range(num_videos):
         primary = VIDEO_FAMILIES[i % len(VIDEO_FAMILIES)]
-        spec = sample_scene(video_rng, size, frames, staggered=True if primary == "video_first" else None)
+        flash = primary == "video_flash" or bool(video_rng.random() < FLASH_RATE)
+        spec = sample_scene(
+            video_rng, size, frames, staggered=True if primary == "video_first" else None, flash=flash
+        )
         videos.append(spec)
         turns = _pick_turns(video_rng, scene_questions(spec, "video"), primary, max_extra=2)
         samples += _media_samples(video_rng, turns, "video", i, split)

@@ -49,6 +49,11 @@ def test_tower_image_size_must_be_divisible_by_32():
         tiny_config(mm_vision_tower_overrides={"image_size": 100})
 
 
+def test_tower_output_stride_must_be_8_16_or_32():
+    with pytest.raises(ValueError, match="output_stride"):
+        tiny_config(mm_vision_tower_overrides={"output_stride": 4})
+
+
 def test_wrongly_typed_field_in_config_json_fails_at_load(fixture_dir, tmp_path):
     config = json.loads((fixture_dir / "checkpoint" / "config.json").read_text())
     config["fast_token_temporal_stride"] = "four"

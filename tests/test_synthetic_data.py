@@ -32,6 +32,7 @@ COLOR_Q = re.compile(r"^What color is the (square|circle|triangle)\?$")
 DIRECTION_Q = re.compile(r"^Which direction does the (\w+) (square|circle|triangle) move\?$")
 COUNT_Q = "How many shapes are there?"
 FIRST_Q = "Which shape appears first?"
+FLASH_Q = "What color was the flash?"
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,8 @@ def test_video_questions_have_the_exact_forms_and_valid_answers(plan: DatasetPla
             assert m.group(1) in COLORS and answer in DIRECTIONS
         elif question == COUNT_Q:
             assert answer in NUMBERS
+        elif question == FLASH_Q:
+            assert answer in COLORS
         else:
             assert question == FIRST_Q and answer in SHAPES
 
@@ -166,7 +169,29 @@ def test_first_question_is_asked_only_when_one_shape_appears_before_the_others(p
             assert appears[0] < appears[1]
 
 
+def test_flash_question_is_asked_only_about_a_flash_no_shape_shares_the_colour_of(plan: DatasetPlan) -> None:
+    asked = 0
+    for spec, question, answer in _video_qas(plan):
+        if question == FLASH_Q:
+            asked += 1
+            assert spec.flash is not None and answer == spec.flash.color
+            assert answer not in {s.color for s in spec.shapes}
+    assert asked > 0
+
+
 # ----------------------------------------------------------------- answers against pixels
+
+
+def test_flash_is_a_small_mark_visible_in_exactly_one_middle_frame(plan: DatasetPlan) -> None:
+    flashed = [spec for spec in plan.videos if spec.flash is not None]
+    assert flashed
+    for spec in flashed:
+        f = spec.flash
+        assert f.size <= 0.1 * spec.size and 0 < f.frame < spec.frames - 1
+        video = render_scene(spec)
+        patch = video[:, f.y : f.y + f.size, f.x : f.x + f.size].reshape(spec.frames, -1, 3)
+        shown = [t for t in range(spec.frames) if (patch[t] == COLORS[f.color]).all()]
+        assert shown == [f.frame]
 
 
 def test_colour_answer_is_the_colour_at_the_shape_start(plan: DatasetPlan) -> None:

@@ -23,6 +23,14 @@ def test_features_are_last_stage_grid_tokens():
     assert out.shape == (2, 16, 32)
 
 
+def test_output_stride_16_doubles_the_grid_side():
+    model = tiny_model(mm_vision_tower_overrides={"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "image_size": 64,
+                                                  "output_stride": 16})  # fmt: skip
+    tower = model.get_vision_tower()
+    assert tower.num_patches_per_side == 4
+    assert tower(torch.randn(2, 3, 64, 64)).shape == (2, 16, 32)
+
+
 @pytest.mark.parametrize("prefix", ["", "visual.trunk."])
 def test_new_model_loads_tower_weights_from_a_timm_or_open_clip_file(tmp_path, prefix):
     torch.manual_seed(3)

@@ -10,7 +10,7 @@ SUPPORTED_VISION_TOWERS = ("convnext-576",)
 SUPPORTED_PROJECTORS = ("mlp2x_gelu", "linear", "identity")
 CROSS_ATTN_DECODE_MODES = ("attend", "reference")
 CROSS_ATTN_KV_INIT_LAYOUTS = ("per_head", "reference")
-_OVERRIDE_KEYS = {"depths", "dims", "image_size", "norm_eps"}
+_OVERRIDE_KEYS = {"depths", "dims", "image_size", "norm_eps", "output_stride"}
 
 
 def cross_attn_query_mode(implementation: str) -> str:
@@ -58,7 +58,7 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
     layers every 8 layers).
 
     Fields beyond the reference's:
-        mm_vision_tower_overrides: ``{"depths", "dims", "image_size", "norm_eps"}`` to shrink the tower
+        mm_vision_tower_overrides: ``{"depths", "dims", "image_size", "norm_eps", "output_stride"}`` to shrink the tower
             (tiny test models).
         vision_tower_pretrained: local weight file or timm pretrained name for a *new* model's tower.
         mm_vision_chunk_frames: encode at most this many frames at once (bounds peak memory); None = all.
@@ -130,8 +130,11 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
             ov = self.mm_vision_tower_overrides
             if ("depths" in ov) != ("dims" in ov) or ("depths" in ov and len(ov["depths"]) != len(ov["dims"])):
                 raise bad("mm_vision_tower_overrides", "'depths' and 'dims' must be given together, of equal length")
-            if "image_size" in ov and (not isinstance(ov["image_size"], int) or ov["image_size"] % 32):
-                raise bad("mm_vision_tower_overrides", "'image_size' must be an int divisible by 32")
+            stride = ov.get("output_stride", 32)
+            if stride not in (8, 16, 32):
+                raise bad("mm_vision_tower_overrides", "'output_stride' must be 8, 16 or 32")
+            if "image_size" in ov and (not isinstance(ov["image_size"], int) or ov["image_size"] % stride):
+                raise bad("mm_vision_tower_overrides", f"'image_size' must be an int divisible by the output stride {stride}")
         if self.mm_projector_type not in SUPPORTED_PROJECTORS:
             raise bad("mm_projector_type", f"supported: {list(SUPPORTED_PROJECTORS)}")
         if self.mm_vision_select_feature not in ("patch", "cls_patch"):

@@ -36,6 +36,7 @@ class TinySpec:
     image_size: int = 64
     vision_depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
     vision_dims: list[int] = field(default_factory=lambda: [16, 24, 32, 48])
+    vision_output_stride: int = 32
     frames: int = 8
     cross_attn_every_n_layers: int = 2
     cross_attn_implementation: str = "text-only-vanilla-flashattn"
@@ -67,11 +68,18 @@ def _qwen2_fields(spec: TinySpec, tokenizer) -> dict:
     )
 
 
+def _tower_overrides(spec: TinySpec) -> dict:
+    overrides = {"depths": spec.vision_depths, "dims": spec.vision_dims, "image_size": spec.image_size}
+    if spec.vision_output_stride != 32:
+        overrides["output_stride"] = spec.vision_output_stride
+    return overrides
+
+
 def slow_fast_config(spec: TinySpec, tokenizer) -> LlavaQwenSlowFastConfig:
     return LlavaQwenSlowFastConfig(
         **_qwen2_fields(spec, tokenizer),
         mm_vision_tower="convnext-576",
-        mm_vision_tower_overrides={"depths": spec.vision_depths, "dims": spec.vision_dims, "image_size": spec.image_size},
+        mm_vision_tower_overrides=_tower_overrides(spec),
         mm_projector_type="mlp2x_gelu",
         video_frames=spec.frames,
         mm_video_pooling_stride=spec.video_pooling_stride,
@@ -146,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--vision-depths", type=_int_list, default=defaults.vision_depths)
     parser.add_argument("--vision-dims", type=_int_list, default=defaults.vision_dims)
+    parser.add_argument(
+        "--vision-output-stride", type=int, default=defaults.vision_output_stride, choices=[8, 16, 32],
+        help="ConvNeXt output stride: 16 or 8 give a finer feature grid at small image sizes",
+    )
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
     parser.add_argument("--intermediate-size", type=int, default=defaults.intermediate_size)
@@ -172,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
         vision_depths=args.vision_depths,
         vision_dims=args.vision_dims,
+        vision_output_stride=args.vision_output_stride,
         frames=args.frames,
         cross_attn_every_n_layers=args.cross_attn_every,
         cross_attn_implementation=args.cross_attn_implementation,

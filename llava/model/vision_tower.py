@@ -29,6 +29,7 @@ class TowerSpec:
     dims: tuple[int, ...] = (384, 768, 1536, 3072)
     image_size: int = 576
     norm_eps: float = 1e-5
+    output_stride: int = 32  # 16 or 8 dilate the last stage(s): a finer grid for tiny images
 
     @classmethod
     def from_config(cls, config) -> "TowerSpec":
@@ -39,6 +40,7 @@ class TowerSpec:
             dims=tuple(overrides.get("dims", spec.dims)),
             image_size=int(overrides.get("image_size", spec.image_size)),
             norm_eps=float(overrides.get("norm_eps", spec.norm_eps)),
+            output_stride=int(overrides.get("output_stride", spec.output_stride)),
         )
 
     @property
@@ -47,7 +49,7 @@ class TowerSpec:
 
     @property
     def grid_size(self) -> int:
-        return self.image_size // 32
+        return self.image_size // self.output_stride
 
 
 class _ConvNeXtBlockWeightNamed(ConvNeXtBlock):
@@ -84,7 +86,7 @@ def build_image_processor(image_size: int) -> CLIPImageProcessorPil:
 
 
 class ConvNeXtVisionTower(nn.Module):
-    """Frames ``[N, 3, S, S]`` -> last-stage features ``[N, (S/32)^2, dims[-1]]``."""
+    """Frames ``[N, 3, S, S]`` -> last-stage features ``[N, (S/32)^2, dims[-1]]`` (``S/output_stride`` per side)."""
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -92,7 +94,11 @@ class ConvNeXtVisionTower(nn.Module):
         self.chunk_frames = getattr(config, "mm_vision_chunk_frames", None)
         # num_classes=0: the classifier is never used, and its size differs between checkpoints.
         self.vision_tower = ConvNeXt(
-            depths=self.spec.depths, dims=self.spec.dims, num_classes=0, norm_eps=self.spec.norm_eps
+            depths=self.spec.depths,
+            dims=self.spec.dims,
+            num_classes=0,
+            norm_eps=self.spec.norm_eps,
+            output_stride=self.spec.output_stride,
         )
         _rename_layer_scales(self.vision_tower)
         self.image_processor = build_image_processor(self.spec.image_size)

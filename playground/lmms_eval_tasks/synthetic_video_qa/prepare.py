@@ -27,7 +27,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 def family_choices(family: str) -> list[str]:
     """Every answer a question of ``family`` can have (the candidates of the likelihood task)."""
     kind = family.split("_", 1)[1]
-    if kind == "color":
+    if kind in ("color", "flash"):
         return list(COLORS)
     if kind == "direction":
         return list(DIRECTIONS)
