@@ -84,3 +84,21 @@ def test_model_card_snippet_runs_unchanged_on_cpu(tiny_checkpoint, monkeypatch):
     assert code != snippet
     exec(compile(code, "model_card_snippet.py", "exec"), namespace)
     assert isinstance(namespace["outputs"], str)
+
+
+def test_new_projector_gets_pytorch_default_linear_init_and_a_loaded_one_is_kept(tiny_checkpoint):
+    from safetensors.torch import load_file
+
+    from conftest import tiny_config
+    from llava.model import LlavaQwenSlowFastForCausalLM
+
+    torch.manual_seed(0)
+    fresh = LlavaQwenSlowFastForCausalLM(tiny_config())
+    first = fresh.model.mm_projector[0]
+    bound = 1 / first.in_features**0.5
+    assert first.weight.abs().max() <= bound and first.weight.std() > 0.8 * bound / 3**0.5
+    assert first.bias.abs().max() <= bound
+
+    _, loaded, _, _ = load_pretrained_model(tiny_checkpoint, device="cpu")
+    saved = load_file(f"{tiny_checkpoint}/model.safetensors")
+    assert torch.equal(loaded.model.mm_projector[0].weight, saved["model.mm_projector.0.weight"])

@@ -8,6 +8,7 @@ to the hybrid layers (see ``slow_fast.py``, ``hybrid_layer.py`` and ``cache.py``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ from ..constants import (
 from .cache import SlowFastCache
 from .configuration_llava_qwen_slow_fast import CROSS_ATTN_KV_INIT_LAYOUTS, LlavaQwenSlowFastConfig
 from .hybrid_layer import SlowFastAttention, SlowFastDecoderLayer, cross_attn_query_mask
-from .projector import build_projector
+from .projector import ProjectorLinear, build_projector
 from .slow_fast import SlowFastParams, SlowFastTokens, split_slow_fast
 from .vision_tower import ConvNeXtVisionTower, _ConvNeXtBlockWeightNamed
 
@@ -84,6 +85,11 @@ class LlavaQwenSlowFastPreTrainedModel(Qwen2PreTrainedModel):
             init.zeros_(module.cross_attn_warm_up_gate)
         if isinstance(module, _ConvNeXtBlockWeightNamed) and module.gamma is not None:
             init.constant_(module.gamma, 1e-6)
+        if isinstance(module, ProjectorLinear):
+            # nn.Linear.reset_parameters, through transformers' init (which leaves loaded weights alone)
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(module.in_features)
+            init.uniform_(module.bias, -bound, bound)
 
 
 class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):

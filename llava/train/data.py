@@ -588,18 +588,20 @@ class LazySupervisedDataset(Dataset):
         )
         self.max_length = _resolve_max_length(max_length, model_config, tokenizer)
         self.image_size = _processor_image_size(image_processor)
+        output_stride = 32
         if getattr(model_config, "mm_vision_tower", None) is not None:
             from llava.model.vision_tower import TowerSpec
 
-            tower_size = TowerSpec.from_config(model_config).image_size
-            if tower_size != self.image_size:
+            tower = TowerSpec.from_config(model_config)
+            if tower.image_size != self.image_size:
                 raise ValueError(
                     f"the image processor crops to {self.image_size} px but the model's vision tower expects "
-                    f"{tower_size} px (mm_vision_tower_overrides)"
+                    f"{tower.image_size} px (mm_vision_tower_overrides)"
                 )
-        self.grid_size = self.image_size // 32
+            output_stride = tower.output_stride
+        self.grid_size = self.image_size // output_stride
         if self.grid_size < 1:
-            raise ValueError(f"image size {self.image_size} is below 32 px: no vision tokens")
+            raise ValueError(f"image size {self.image_size} is below the tower's stride {output_stride} px: no vision tokens")
         self.slow_fast = SlowFastParams.from_config(model_config)
         self._chatml = _ChatMLIds.of(tokenizer)
         self._fast_cache: dict[int, int] = {}
