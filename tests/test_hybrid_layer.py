@@ -124,6 +124,19 @@ def test_cross_attention_matches_naive_softmax_and_respects_slow_mask():
         torch.testing.assert_close(out[b], naive_cross_attention(query[b], keys[b], values[b], valid[b]))
 
 
+def test_cross_attention_of_querying_rows_does_not_depend_on_the_other_rows():
+    from llava.model.hybrid_layer import slow_cross_attention
+
+    torch.manual_seed(1)
+    query = torch.randn(2, 4, 5, 16)
+    keys, values = torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    some = torch.tensor([[False, True, False, True, False], [False, False, False, True, True]])
+    partial = slow_cross_attention(query, keys, values, valid, some, 16**-0.5)
+    full = slow_cross_attention(query, keys, values, valid, torch.ones(2, 5, dtype=torch.bool), 16**-0.5)
+    torch.testing.assert_close(partial[some], full[some])
+
+
 def test_text_only_sample_in_batch_is_unaffected_by_slow_path():
     model = tiny_model()
     visual = prompt_ids(3, 5, seed=1)

@@ -86,3 +86,16 @@ def test_single_image_is_not_video_pooled_and_only_spatially_pooled():
     torch.testing.assert_close(tokens.slow, x[0])
     pooled = torch.nn.functional.avg_pool2d(x.reshape(1, 4, 4, 3).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
     torch.testing.assert_close(tokens.fast, pooled.reshape(-1, 3))
+
+
+def test_visual_input_without_slow_tokens_merges_its_fast_tokens_only():
+    from llava.model.slow_fast import SlowFastTokens
+
+    from conftest import prompt_ids, tiny_model
+
+    model = tiny_model()
+    hidden = model.config.hidden_size
+    tokens = SlowFastTokens(fast=torch.randn(5, hidden), slow=torch.zeros(0, hidden))
+    mm = model.prepare_multimodal_inputs(prompt_ids(3, 4), visual_tokens=[tokens])
+    assert mm.inputs_embeds.shape[1] == 3 + 5 + 4
+    assert mm.slow_tokens is None

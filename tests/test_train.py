@@ -114,6 +114,18 @@ def test_loss_falls_on_a_fixed_small_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_gradient_checkpointing_reaches_the_vision_tower_and_keeps_the_loss():
+    model = tiny_model().train()
+    ids, labels = prompt_ids(3, 8, seed=1), prompt_ids(3, 8, seed=1).clamp(min=0)
+    video = [random_video(4, seed=1)]
+    plain = model(input_ids=ids, labels=labels, images=video).loss
+    model.gradient_checkpointing_enable()
+    assert all(stage.grad_checkpointing for stage in model.get_vision_tower().vision_tower.stages)
+    torch.testing.assert_close(model(input_ids=ids, labels=labels, images=video).loss, plain)
+    model.gradient_checkpointing_disable()
+    assert not any(stage.grad_checkpointing for stage in model.get_vision_tower().vision_tower.stages)
+
+
 def common_argv(base_dir: Path, data_dir: Path, out: Path) -> list[str]:
     return [
         "--model_name_or_path", str(base_dir), "--data_path", str(data_dir / "train.json"),

@@ -20,7 +20,6 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2DecoderLayer,
     apply_rotary_pos_emb,
     eager_attention_forward,
-    repeat_kv,
 )
 
 from ..constants import TOKEN_TYPE_RESPONSE, TOKEN_TYPE_TEXT, TOKEN_TYPE_VISUAL
@@ -64,22 +63,27 @@ def slow_cross_attention(
     """Non-causal attention of ``query`` ``[B, H, L, D]`` over slow ``keys``/``values`` ``[B, Hkv, S, D]``.
 
     ``key_mask`` ``[B, S]`` marks valid slow tokens, ``query_mask`` ``[B, L]`` the querying positions.
-    Returns ``[B, L, H*D]``; rows outside ``query_mask`` are finite but meaningless.
+    Keys/values are shared by groups of query heads (grouped-query attention, no copies). Returns
+    ``[B, L, H*D]``; rows outside ``query_mask`` are finite but meaningless.
     """
     batch, heads, length, head_dim = query.shape
     if use_flash and flash_attn_varlen_func is not None and query.is_cuda and bool(query_mask.any()):
         return _flash_varlen_cross_attention(query, keys, values, key_mask, query_mask, scaling)
-    groups = heads // keys.shape[1]
     # A sample without slow tokens would give an all-masked softmax (NaN); let it attend to its padding,
     # its rows are never selected by query_mask.
     safe_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
-    context = F.scaled_dot_product_attention(
-        query,
-        repeat_kv(keys, groups),
-        repeat_kv(values, groups),
-        attn_mask=safe_mask[:, None, None, :],
-        scale=scaling,
-    )
+    rows = query_mask.any(dim=0)  # positions that query in at least one sample of the batch
+    if bool(rows.all()):
+        context = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=safe_mask[:, None, None, :], scale=scaling, enable_gqa=True
+        )
+    else:
+        # Only the querying positions (the text, not the fast tokens) are worth computing.
+        picked = rows.nonzero().squeeze(-1)
+        context = query.new_zeros(query.shape)
+        context[:, :, picked] = F.scaled_dot_product_attention(
+            query[:, :, picked], keys, values, attn_mask=safe_mask[:, None, None, :], scale=scaling, enable_gqa=True
+        )
     return context.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 

@@ -79,6 +79,14 @@ class LlavaQwenSlowFastPreTrainedModel(Qwen2PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"vision_tower\.vision_tower\.head\.fc\."]
     _can_record_outputs = {"hidden_states": Qwen2DecoderLayer, "attentions": SlowFastAttention}
 
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
+        """Checkpoint the ConvNeXt tower's stages too (timm's own switch): without it a long video's tower
+        activations dominate a training step's memory."""
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, ConvNeXtVisionTower):
+                module.vision_tower.set_grad_checkpointing(enable)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, SlowFastAttention) and module.cross_attn_warm_up_gate is not None:
@@ -307,9 +315,8 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
                     pieces_t.append(types.new_full((fast.shape[0],), TOKEN_TYPE_VISUAL))
                     slows.append(tokens.slow.to(embeds.dtype))
                 start = pos + 1
-            rows.append(
-                (torch.cat(pieces_e), torch.cat(pieces_l), torch.cat(pieces_t), torch.cat(slows) if slows else None)
-            )
+            slow = torch.cat(slows) if slows else None
+            rows.append((torch.cat(pieces_e), torch.cat(pieces_l), torch.cat(pieces_t), slow))
 
         side = padding_side or self.config.tokenizer_padding_side
         max_len = max(r[0].shape[0] for r in rows)
@@ -328,7 +335,7 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             new_labels[b, span] = lab
             token_types[b, span] = t
             new_mask[b, span] = 1
-            if slow is not None:
+            if slow is not None and slow.shape[0]:
                 slow_tokens[b, : slow.shape[0]] = slow
                 slow_mask[b, : slow.shape[0]] = True
         position_ids = (new_mask.cumsum(1) - 1).clamp(min=0)
