@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llava.model import LlavaQwenSlowFastConfig, LlavaQwenSlowFastForCausalLM
+from llava.serve import cli
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("SLOWFAST_FIXTURE", REPO.parent / "shared" / "fixtures" / "reference_tiny"))
@@ -76,3 +77,32 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     from llava.model.tiny import TinySpec, write_tiny_checkpoint
 
     return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"), TinySpec())
+
+
+class Spy:
+    """Wraps a function and records each call's arguments and return value."""
+
+    def __init__(self, function):
+        self.function = function
+        self.calls: list[tuple[tuple, dict]] = []
+        self.results: list = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        result = self.function(*args, **kwargs)
+        self.results.append(result)
+        return result
+
+
+@pytest.fixture
+def encode_spy(monkeypatch) -> Spy:
+    spy = Spy(LlavaQwenSlowFastForCausalLM.encode_images)
+    monkeypatch.setattr(LlavaQwenSlowFastForCausalLM, "encode_images", lambda self, images: spy(self, images))
+    return spy
+
+
+@pytest.fixture
+def ask_spy(monkeypatch) -> Spy:
+    spy = Spy(cli.ChatSession.ask)
+    monkeypatch.setattr(cli.ChatSession, "ask", lambda self, *a, **kw: spy(self, *a, **kw))
+    return spy

@@ -15,7 +15,6 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import tokenizer_image_token
 from llava.model.builder import load_pretrained_model
-from llava.model.modeling_llava_qwen_slow_fast import LlavaQwenSlowFastForCausalLM
 from llava.serve import cli
 from llava.video import load_video
 
@@ -40,35 +39,6 @@ def run_subprocess(args: list[str], **kwargs) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "llava.serve.cli", *args],
         capture_output=True, text=True, timeout=120, cwd=REPO, **kwargs,
     )
-
-
-class Spy:
-    """Wraps a function and records each call's arguments and return value."""
-
-    def __init__(self, function):
-        self.function = function
-        self.calls: list[tuple[tuple, dict]] = []
-        self.results: list = []
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        result = self.function(*args, **kwargs)
-        self.results.append(result)
-        return result
-
-
-@pytest.fixture
-def encode_spy(monkeypatch) -> Spy:
-    spy = Spy(LlavaQwenSlowFastForCausalLM.encode_images)
-    monkeypatch.setattr(LlavaQwenSlowFastForCausalLM, "encode_images", lambda self, images: spy(self, images))
-    return spy
-
-
-@pytest.fixture
-def ask_spy(monkeypatch) -> Spy:
-    spy = Spy(cli.ChatSession.ask)
-    monkeypatch.setattr(cli.ChatSession, "ask", lambda self, *a, **kw: spy(self, *a, **kw))
-    return spy
 
 
 def test_command_streams_an_answer_to_stdout_and_nothing_to_stderr(checkpoint):

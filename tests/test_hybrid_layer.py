@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llava.constants import TOKEN_TYPE_PAD, TOKEN_TYPE_RESPONSE, TOKEN_TYPE_TEXT, TOKEN_TYPE_VISUAL
+from llava.constants import TOKEN_TYPE_RESPONSE, TOKEN_TYPE_TEXT
 from llava.model.hybrid_layer import SlowFastDecoderLayer, cross_attn_query_mask
 
 from conftest import prompt_ids, random_video, tiny_config, tiny_model

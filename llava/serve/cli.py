@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,13 +29,23 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, template_stop, tokenizer_image_token
-from llava.model.builder import CheckpointError, load_pretrained_model
-from llava.video import VideoLoadError, load_video
+from llava.model.builder import load_pretrained_model
+from llava.serve.options import (
+    ArgumentParser,
+    UsageError,
+    check_model_path,
+    fail,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    probability,
+    quiet_libraries,
+)
+from llava.video import VideoClip, VideoLoadError, load_video
 
 __all__ = ["AnswerStats", "ChatSession", "GenerationSettings", "VideoStats", "build_parser", "main"]
 
 DEFAULT_MAX_FRAMES = 64
-EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 QUIT_WORDS = frozenset({"exit", "quit"})
 USER_PROMPT = "USER: "
@@ -76,7 +85,8 @@ class GenerationSettings:
 
 @dataclass
 class VideoStats:
-    """What :meth:`ChatSession.load_video` did: the frames it decoded and the tokens they became.
+    """What :meth:`ChatSession.load_video` (or :meth:`ChatSession.load_clip`) did: the frames it decoded and the
+    tokens they became.
 
     ``encode_s`` covers preprocessing and the vision tower plus projector.
     """
@@ -151,10 +161,10 @@ class _StopOnEvent(StoppingCriteria):
 class ChatSession:
     """A conversation with the model about one video.
 
-    :meth:`load_video` decodes and encodes the video once; every :meth:`ask` then reuses those visual
-    tokens, so follow-up questions cost only the language model. The first user turn carries the
-    ``<image>`` placeholder and the history (questions and answers) accumulates in :attr:`conversation`.
-    Without a video the session is a text-only chat.
+    :meth:`load_video` decodes and encodes the video once (:meth:`load_clip` encodes frames decoded elsewhere);
+    every :meth:`ask` then reuses those visual tokens, so follow-up questions cost only the language model. The
+    first user turn carries the ``<image>`` placeholder and the history (questions and answers) accumulates in
+    :attr:`conversation`. Without a video the session is a text-only chat.
     """
 
     def __init__(
@@ -202,13 +212,22 @@ class ChatSession:
 
         ``max_frames`` defaults to :attr:`default_max_frames`; ``fps`` samples at that rate instead of uniformly.
         """
-        if self.image_processor is None:
-            raise ValueError("this checkpoint has no vision tower, so it cannot read a video")
+        self._require_vision_tower()  # before the decoding, which would be wasted
         if max_frames is None:
             max_frames = self.default_max_frames
         start = time.perf_counter()
         clip = load_video(path, max_frames, fps=fps)
-        decoded = time.perf_counter()
+        return self.load_clip(clip, decode_s=time.perf_counter() - start)
+
+    def load_clip(self, clip: VideoClip, decode_s: float = 0.0) -> VideoStats:
+        """Encode already-decoded frames and start a new conversation about them: :meth:`load_video` minus the decoding.
+
+        ``clip.frames`` is the ``uint8`` RGB array ``[T, H, W, 3]`` of :func:`llava.video.load_video`, e.g. frames
+        shown to the user before they are encoded. ``decode_s`` is reported as the decoding time in the returned
+        :class:`VideoStats`, whose ``path`` is ``clip.path``.
+        """
+        self._require_vision_tower()
+        start = time.perf_counter()
         pixels = self.image_processor.preprocess(clip.frames, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             tokens = self.model.encode_images([pixels])[0]
@@ -219,14 +238,14 @@ class ChatSession:
         self.visual_tokens = tokens
         frames, height, width = clip.frames.shape[:3]
         self.video = VideoStats(
-            path=os.fspath(path),
+            path=os.fspath(clip.path),
             frames=frames,
             height=height,
             width=width,
             backend=clip.backend,
             duration=clip.duration,
-            decode_s=decoded - start,
-            encode_s=encoded - decoded,
+            decode_s=decode_s,
+            encode_s=encoded - start,
             fast_tokens=tokens.fast.shape[0],
             slow_tokens=tokens.slow.shape[0],
         )
@@ -257,6 +276,10 @@ class ChatSession:
         return answer
 
     # -- internals -----------------------------------------------------------------------------------------
+    def _require_vision_tower(self) -> None:
+        if self.image_processor is None:
+            raise ValueError("this checkpoint has no vision tower, so it cannot read a video")
+
     def _stopping_kwargs(self, stop_event: threading.Event) -> dict[str, Any]:
         criteria: list[StoppingCriteria] = [_StopOnEvent(stop_event)]
         kwargs: dict[str, Any] = {}
@@ -342,60 +365,9 @@ class ChatSession:
 # --------------------------------------------------------------------------------------------------- command
 
 
-class _UsageError(Exception):
-    """A bad command line, reported as one ``error:`` line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # argparse would print the usage block and exit; the CLI reports a single line instead.
-        raise _UsageError(message)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = _float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m llava.serve.cli`` (also installed as ``slowfast-cli``)."""
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m llava.serve.cli",
         description="Ask a Slow-Fast video LLM about a video; the answer is streamed to stdout.",
     )
@@ -404,14 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video", required=True, help="video file, image, or folder of frames")
     parser.add_argument("--question", default=None, help="the question (the first turn with --interactive)")
     parser.add_argument(
-        "--max-frames", type=_positive_int, default=None,
+        "--max-frames", type=positive_int, default=None,
         help="most frames to sample (default: the checkpoint's video_frames, else 64)",
     )
-    parser.add_argument("--fps", type=_positive_float, default=None, help="sample at this rate, capped at --max-frames")
+    parser.add_argument("--fps", type=positive_float, default=None, help="sample at this rate, capped at --max-frames")
     parser.add_argument("--conv-mode", default="qwen_1_5", choices=sorted(conv_templates), help="prompt template")
-    parser.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 (default) is greedy")
-    parser.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling (with --temperature > 0)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--top-p", type=probability, default=None, help="nucleus sampling (with --temperature > 0)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument(
@@ -427,15 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(message: object) -> str:
-    return " ".join(str(message).split())
-
-
-def _fail(message: object) -> int:
-    print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
-    return EXIT_BAD_INPUT
-
-
 def _log(verbose: bool, message: str) -> None:
     if verbose:
         print(message, file=sys.stderr, flush=True)
@@ -444,30 +407,6 @@ def _log(verbose: bool, message: str) -> None:
 def _print_piece(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-@contextlib.contextmanager
-def _quiet_libraries(verbose: bool) -> Iterator[None]:
-    """No progress bars; library warnings only with ``--verbose``. Restores the previous settings."""
-    from huggingface_hub.utils import logging as hub_logging
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.WARNING if verbose else hf_logging.ERROR
-    verbosity, hub_verbosity = hf_logging.get_verbosity(), hub_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity(level)
-    hub_logging.set_verbosity(level)  # e.g. its "Retrying in 1s" lines while a hub id cannot be reached
-    hf_logging.disable_progress_bar()  # the hub's bars too
-    try:
-        with warnings.catch_warnings():
-            if not verbose:
-                warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hub_logging.set_verbosity(hub_verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -493,14 +432,6 @@ def _native_stderr_silenced(enabled: bool) -> Iterator[None]:
     finally:
         os.dup2(saved, fd)
         os.close(saved)
-
-
-def _check_model_path(model_path: str) -> None:
-    """Fail before the slow model load on a local path that does not exist (hub ids are left to the loader)."""
-    # a hub id is "name" or "org/name"; anything deeper or anchored is a local path
-    looks_local = model_path.startswith((".", "/", "~")) or model_path.strip("/").count("/") >= 2
-    if looks_local and not os.path.exists(os.path.expanduser(model_path)):
-        raise CheckpointError(f"checkpoint '{model_path}' does not exist")
 
 
 def _report_video(verbose: bool, video: VideoStats) -> None:
@@ -564,7 +495,7 @@ def _run(args: argparse.Namespace) -> int:
     verbose = args.verbose
     if not os.path.exists(args.video):  # fail before the slow model load
         raise VideoLoadError(args.video, "file does not exist")
-    _check_model_path(args.model_path)
+    check_model_path(args.model_path)
 
     start = time.perf_counter()
     tokenizer, model, image_processor, context_len = load_pretrained_model(
@@ -601,15 +532,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.question is not None and not args.question.strip():
-            raise _UsageError("argument --question: must not be empty")
+            raise UsageError("argument --question: must not be empty")
         if args.question is None and not args.interactive:
-            raise _UsageError("the following argument is required without --interactive: --question")
-    except _UsageError as err:
-        return _fail(err)
+            raise UsageError("the following argument is required without --interactive: --question")
+    except UsageError as err:
+        return fail(err)
     except SystemExit as done:  # --help
         return done.code if isinstance(done.code, int) else 0
 
-    with _quiet_libraries(args.verbose):
+    with quiet_libraries(args.verbose):
         try:
             return _run(args)
         except KeyboardInterrupt:
@@ -622,11 +553,11 @@ def main(argv: list[str] | None = None) -> int:
         except torch.cuda.OutOfMemoryError as err:
             if args.verbose:
                 traceback.print_exc()
-            return _fail(f"out of GPU memory ({err}); try fewer --max-frames or --dtype bfloat16")
+            return fail(f"out of GPU memory ({err}); try fewer --max-frames or --dtype bfloat16")
         except (ValueError, OSError) as err:  # CheckpointError and VideoLoadError are ValueErrors
             if args.verbose:
                 traceback.print_exc()
-            return _fail(err)
+            return fail(err)
 
 
 if __name__ == "__main__":
