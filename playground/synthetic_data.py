@@ -2,12 +2,12 @@
 
 Every video shows one to three solid shapes (square, circle, triangle), each in its own colour (red,
 green, blue, yellow, white), on a plain dark background. A shape either stands still or moves in a
-straight line (left, right, up, down), and may appear after the first frame. Some videos also show a
-**flash**: a small square mark, in a colour no shape has, visible in exactly one frame; temporal and
-spatial pooling blur it away, so it is the detail only uncompressed features keep. Each video is
-described by a :class:`SceneSpec`, and every answer is computed from the spec, never from pixels; shapes
-never overlap and never leave the frame, and the flash covers no shape, so the answers are also visible
-in the rendered frames.
+straight line (left, right, up, down), and may appear later (between a quarter and half of the clip).
+Some videos also show a **flash**: a small square mark, in a colour no shape has, visible in exactly one
+frame; temporal and spatial pooling blur it away, so it is the detail only uncompressed features keep.
+Each video is described by a :class:`SceneSpec`, and every answer is computed from the spec, never from
+pixels; shapes never overlap and never leave the frame, and the flash covers no shape, so the answers are
+also visible in the rendered frames.
 
 Layout written under ``DIR``::
 
@@ -283,8 +283,8 @@ def _sample_shape(
     if direction == "still":
         x, y = (int(v) for v in rng.integers(0, room + 1, size=2))
         return ShapeSpec(shape, color, side, x, y, "still", 0.0, appear)
-    # Travel a visible distance (at least a fifth of the frame) and end inside the frame.
-    distance = int(rng.integers(max(size // 5, room // 3), room + 1))
+    # Travel a clearly visible distance (at least half the room, and a fifth of the frame) and end inside it.
+    distance = int(rng.integers(max(size // 5, room // 2), room + 1))
     start = int(rng.integers(0, room - distance + 1))
     if direction in ("left", "up"):
         start += distance
@@ -356,10 +356,11 @@ def sample_scene(
         background = tuple(int(v) for v in rng.integers(0, 71, size=3))
     kinds = [str(s) for s in rng.permutation(SHAPES)[:num_shapes]]
     colors = [str(c) for c in rng.permutation(list(COLORS))[:num_shapes]]
-    # The first shape is on screen from frame 0; later ones pop in by mid-clip so their motion stays visible.
+    # The first shape is on screen from frame 0; later ones pop in between a quarter and half of the clip: late
+    # enough that the first quarter shows the first shape alone, early enough that their motion stays visible.
     appears = [0] * num_shapes
     if staggered:
-        appears[1:] = [int(a) for a in rng.integers(2, frames // 2 + 1, size=num_shapes - 1)]
+        appears[1:] = [int(a) for a in rng.integers(frames // 4, frames // 2 + 1, size=num_shapes - 1)]
 
     for _ in range(1000):
         placed: list[ShapeSpec] = []

@@ -1,8 +1,7 @@
-"""Tests for llava.video (frame sampling and decoding) and scripts/make_demo_video.py."""
+"""Tests for llava.video (frame sampling and decoding) and the demo video (playground/demo_video.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from fractions import Fraction
@@ -325,28 +324,32 @@ def test_info_reports_duration_and_timestamps() -> None:
 # ----------------------------------------------------------------- demo video
 
 
-def _load_demo_script():
-    spec = importlib.util.spec_from_file_location("make_demo_video", REPO_ROOT / "scripts" / "make_demo_video.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_demo_scene_has_one_flash_frame_and_in_domain_answers() -> None:
+    from playground.demo_video import DEMO_QUESTIONS, DEMO_SCENE
+    from playground.synthetic_data import COLORS, render_scene
+
+    frames = render_scene(DEMO_SCENE)
+
+    assert frames.shape == (16, 64, 64, 3) and frames.dtype == np.uint8
+    yellow = np.array(COLORS["yellow"])
+    assert [bool((f == yellow).all(axis=-1).any()) for f in frames] == [t == 9 for t in range(16)]
+    assert DEMO_QUESTIONS["What color was the flash?"] == "yellow"
+    assert DEMO_QUESTIONS["Which direction does the red square move?"] == "right"
+    assert DEMO_QUESTIONS["How many shapes are there?"] == "two"
 
 
-def test_render_demo_frames_is_deterministic_with_one_flash_frame() -> None:
-    demo = _load_demo_script()
-    frames = demo.render_demo_frames(64, 10)
+def test_demo_asset_is_the_rendered_demo_scene(tmp_path: Path) -> None:
+    from playground.demo_video import DEMO_SCENE, write_demo_video
+    from playground.synthetic_data import render_scene
 
-    assert frames.shape == (10, 64, 64, 3) and frames.dtype == np.uint8
-    assert np.array_equal(frames, demo.render_demo_frames(64, 10))
-    has_flash = [(f == demo.FLASH_RGB).all(axis=-1).any() for f in frames]
-    assert has_flash == [i == demo.flash_frame_index(10) for i in range(10)]
-
-
-def test_demo_asset_loads_with_expected_shape() -> None:
     path = REPO_ROOT / "assets" / "demo.mp4"
     assert os.path.getsize(path) < 100 * 1024
-
     clip = load_video(path, max_frames=64)
 
-    assert clip.frames.shape == (32, 128, 128, 3)
+    assert clip.frames.shape == (16, 64, 64, 3)
     assert clip.video_fps == pytest.approx(8.0)
+    # Lossy coding moves pixel values a little, never the scene.
+    error = np.abs(clip.frames.astype(int) - render_scene(DEMO_SCENE).astype(int)).mean()
+    assert error < 4.0
+    write_demo_video(tmp_path / "again.mp4")
+    assert np.array_equal(load_video(tmp_path / "again.mp4", max_frames=64).frames, clip.frames)

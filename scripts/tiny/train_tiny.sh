@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Train the tiny Slow-Fast model of assets/tiny-slowfast from nothing, on CPU (2 cores: about 25 minutes).
+#
+#   bash scripts/tiny/train_tiny.sh [OUT]          # default OUT: checkpoints/tiny-slowfast
+#
+# Stages (each skipped when its output already exists, so a stopped run resumes at the stage it was in):
+#   0. data:  the synthetic moving-shapes task, train / val / test splits rendered separately
+#             (playground/synthetic_data.py), into $WORK/data;
+#   1. tower: the tiny ConvNeXt pretrained on dense per-cell colour and shape labels
+#             (playground/pretrain_tower.py): the stand-in for the released model's CLIP tower;
+#   2. base:  a randomly initialised Qwen2 language model and a tokenizer trained on the task's text;
+#   3. sft:   one stage of supervised fine-tuning of everything but the tower, with the project's trainer
+#             (llava/train/train.py) through scripts/launch_train.sh: 2 processes, DDP over gloo on CPU;
+#   4. export: fp16 weights with the tokenizer in OUT, then test-split accuracy per family in OUT/eval_test.json.
+#
+# Environment: WORK [OUT.work] holds the data, tower and training output; VARIANT picks the architecture
+# (slowfast [default], fast: no hybrid layers, slow: every slow token in the language model, no hybrid layers);
+# PYTHON [python3]; NPROC_PER_NODE [2]; MASTER_PORT [29500]. For smoke tests only (they change the result):
+# MAX_STEPS [3000], TOWER_STEPS [2000], TRAIN_VIDEOS [8000], VAL_VIDEOS [200], TEST_VIDEOS [500].
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+OUT="${1:-checkpoints/tiny-slowfast}"
+WORK="${WORK:-$OUT.work}"
+VARIANT="${VARIANT:-slowfast}"
+PYTHON="${PYTHON:-python3}"
+MAX_STEPS="${MAX_STEPS:-3000}" TOWER_STEPS="${TOWER_STEPS:-2000}"
+export PYTHON
+cd "$ROOT"
+
+# The task: 64x64 pixels, 16 frames at 8 fps.
+SIZE=64 FRAMES=16 FPS=8
+TRAIN_VIDEOS="${TRAIN_VIDEOS:-8000}" VAL_VIDEOS="${VAL_VIDEOS:-200}" TEST_VIDEOS="${TEST_VIDEOS:-500}"
+# The model: ConvNeXt depths 1,1,1,1 / dims 16..64 at output stride 8 (an 8x8 grid, pooled 2x2 to 16 slow
+# tokens per frame); Qwen2 with 4 layers of width 128.
+TOWER_ARGS=(--image-size "$SIZE" --depths 1,1,1,1 --dims 16,32,48,64 --output-stride 8)
+OVERRIDES="{\"depths\":[1,1,1,1],\"dims\":[16,32,48,64],\"image_size\":$SIZE,\"output_stride\":8}"
+
+case "$VARIANT" in
+    # 16 frames x 16 slow tokens = 256 slow tokens through 4 hybrid layers (every layer); every frame's
+    # 4 x 4 grid averaged 2 x 2 gives 16 x 4 = 64 fast tokens in the LM.
+    slowfast) VARIANT_ARGS=(--fast_token_temporal_stride 1 --fast_token_spatial_stride 2) ;;
+    # The same 64 fast tokens, no hybrid layers.
+    fast) VARIANT_ARGS=(--cross_attn_max_layer_depth 0 --fast_token_temporal_stride 1 --fast_token_spatial_stride 2) ;;
+    # All 256 slow tokens in the LM as ordinary tokens, no hybrid layers (the self-attention-only baseline).
+    slow) VARIANT_ARGS=(--cross_attn_max_layer_depth 0 --fast_token_temporal_stride 1 --fast_token_spatial_stride 1) ;;
+    *) echo "error: VARIANT=$VARIANT: use slowfast, fast or slow" >&2; exit 2 ;;
+esac
+
+log() { echo "[train_tiny $(date +%H:%M:%S)] $*" >&2; }
+DATA="$WORK/data"
+
+# 0. data
+for spec in "train $TRAIN_VIDEOS 0" "val $VAL_VIDEOS 1" "test $TEST_VIDEOS 2"; do
+    read -r split videos seed <<<"$spec"
+    if [[ ! -f "$DATA/$split.json" ]]; then
+        log "rendering the $split split ($videos videos)"
+        "$PYTHON" -m playground.synthetic_data --out "$DATA" --split "$split" --seed "$seed" \
+            --num-videos "$videos" --num-images 0 --num-text 0 --size "$SIZE" --frames "$FRAMES" --fps "$FPS" >/dev/null
+    fi
+done
+
+# 1. tower
+TOWER="$WORK/tower.safetensors"
+if [[ ! -f "$TOWER" ]]; then
+    log "pretraining the vision tower"
+    "$PYTHON" -m playground.pretrain_tower --out "$TOWER" "${TOWER_ARGS[@]}" --steps "$TOWER_STEPS" --seed 0
+fi
+
+# 2. base language model and tokenizer
+BASE="$WORK/base"
+if [[ ! -f "$BASE/config.json" ]]; then
+    log "initialising the language model"
+    "$PYTHON" -m llava.model.tiny "$BASE" --base --hidden-size 128 --intermediate-size 256 --layers 4 \
+        --heads 4 --kv-heads 2 --seed 0 >/dev/null
+fi
+
+# 3. supervised fine-tuning
+RUN="$WORK/sft-$VARIANT"
+if [[ ! -f "$RUN/model.safetensors" ]]; then
+    log "training ($VARIANT, $MAX_STEPS steps)"
+    source "$ROOT/scripts/launch_train.sh"
+    (
+        export MODEL="$BASE" DATA_PATH="$DATA/train.json" VIDEO_DIR="$DATA" OUTPUT_DIR="$RUN"
+        export NPROC_PER_NODE="${NPROC_PER_NODE:-2}" OMP_NUM_THREADS=1
+        launch_train --version qwen_1_5 \
+            --vision_tower convnext-576 --vision_tower_pretrained "$TOWER" --mm_vision_tower_overrides "$OVERRIDES" \
+            --freeze_mm_vision_encoder True --mm_projector_type mlp2x_gelu --tune_mm_mlp_adapter False \
+            --initialize_cross_attn_kv_from_lm True --cross_attn_every_n_layers 1 --cross_attn_implementation text-only-vanilla-flashattn \
+            --cross_attn_gating_type whole-dynamic-tanh --mm_video_pooling_stride 2 \
+            --video_frames "$FRAMES" --fps 0 --min_fast_frames 4 "${VARIANT_ARGS[@]}" \
+            --learning_rate 1e-3 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 \
+            --max_steps "$MAX_STEPS" --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0 \
+            --max_grad_norm 1.0 --model_max_length 512 --seed 0 --data_seed 0 \
+            --save_strategy no --logging_steps 50 --dataloader_num_workers 0 --lazy_preprocess True --report_to none
+    )
+fi
+
+# 4. export and test
+if [[ ! -f "$OUT/config.json" ]]; then
+    log "exporting fp16 weights to $OUT"
+    "$PYTHON" -m llava.model.export "$RUN" "$OUT" --dtype float16
+fi
+log "scoring the test split"
+"$PYTHON" -m playground.evaluate_synthetic --model-path "$OUT" --data "$DATA" --split test --out "$OUT/eval_test.json"

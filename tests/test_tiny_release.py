@@ -1,0 +1,161 @@
+"""The committed tiny checkpoint (assets/tiny-slowfast), its export, the demo video and the ablation report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from llava.model.builder import load_pretrained_model
+from llava.model.export import export_checkpoint
+from llava.model.tiny import TinySpec, write_tiny_checkpoint
+from playground.ablation import VARIANTS, draw_plot, measure_prefill, render_markdown
+from playground.demo_video import DEMO_QUESTIONS
+from playground.evaluate_synthetic import FAMILY_ANSWERS, evaluate_checkpoint
+from playground.synthetic_data import generate_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "assets" / "tiny-slowfast"
+DEMO_VIDEO = REPO / "assets" / "demo.mp4"
+# The questions the README asks about the demo video.
+README_QUESTIONS = ("What color was the flash?", "Which direction does the red square move?", "How many shapes are there?")
+
+
+def _dtypes(path: Path) -> set[torch.dtype]:
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return {f.get_tensor(k).dtype for k in f.keys()}
+
+
+def _logits(model_path: str | Path) -> torch.Tensor:
+    tokenizer, model, processor, _ = load_pretrained_model(str(model_path), device="cpu")
+    torch.manual_seed(0)
+    frames = torch.rand(model.config.video_frames, 3, 64, 64)
+    ids = torch.tensor([[5, 6, -200, 7, 8, 9]])
+    with torch.no_grad():
+        return model(input_ids=ids, images=[frames]).logits
+
+
+# ----------------------------------------------------------------- export
+
+
+def test_export_writes_fp16_weights_that_load_as_fp32_and_agree(tiny_checkpoint, tmp_path):
+    out = export_checkpoint(tiny_checkpoint, tmp_path / "fp16", "float16")
+
+    assert _dtypes(out) == {torch.float16}
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_tower_pretrained"] is None
+    assert {"tokenizer.json", "preprocessor_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
+    reference, exported = _logits(tiny_checkpoint), _logits(out)
+    assert exported.dtype == torch.float32
+    torch.testing.assert_close(exported, reference, atol=2e-2, rtol=2e-2)
+
+
+def test_export_refuses_a_destination_with_files(tiny_checkpoint, tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("data")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "old")
+    assert (tmp_path / "old" / "keep.txt").read_text() == "data"
+
+
+# ----------------------------------------------------------------- the committed checkpoint
+
+
+def test_committed_checkpoint_is_small_fp16_and_self_contained():
+    size = sum(p.stat().st_size for p in TINY.iterdir())
+    assert size < 8 * 2**20
+    assert _dtypes(TINY) == {torch.float16}
+    config = json.loads((TINY / "config.json").read_text())
+    assert config["vision_tower_pretrained"] is None
+    assert config["cross_attn_max_layer_depth"] is None and config["cross_attn_every_n_layers"] == 1
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja"):
+        assert (TINY / name).is_file(), name
+
+
+@pytest.fixture(scope="module")
+def tiny_session():
+    from llava.serve.cli import ChatSession
+
+    tokenizer, model, processor, _ = load_pretrained_model(str(TINY), device="cpu")
+    return ChatSession(tokenizer, model, processor)
+
+
+@pytest.mark.parametrize("question", README_QUESTIONS)
+def test_committed_checkpoint_answers_the_demo_video(tiny_session, question):
+    tiny_session.load_video(DEMO_VIDEO)
+    answer = tiny_session.ask(question)
+    assert answer.text.strip() == DEMO_QUESTIONS[question]
+
+
+def test_committed_checkpoint_beats_chance_on_every_family(tmp_path):
+    # The first 60 videos of the recipe's test split (split "test", seed 2): plans are prefix-stable.
+    generate_dataset(tmp_path, num_videos=60, num_images=0, num_text=0, size=64, frames=16, fps=8, seed=2, split="test")
+    result = evaluate_checkpoint(str(TINY), str(tmp_path), "test")
+
+    assert set(result["families"]) == set(FAMILY_ANSWERS)
+    for family, r in result["families"].items():
+        assert r["accuracy"] >= r["chance"] + 20, (family, r)
+
+
+def test_committed_test_score_is_above_chance_on_every_family():
+    result = json.loads((TINY / "eval_test.json").read_text())
+    assert result["split"] == "test" and result["questions"] >= 500
+    for family, r in result["families"].items():
+        assert r["accuracy"] > 1.5 * r["chance"], (family, r)
+
+
+# ----------------------------------------------------------------- the ablation
+
+
+def _variant_checkpoints(root: Path) -> dict[str, Path]:
+    """Tiny random checkpoints shaped like the ablation's three variants (16 frames, 16 slow tokens a frame)."""
+    spec = TinySpec(frames=16, vision_output_stride=8, temporal_stride=4, min_fast_frames=4, cross_attn_every_n_layers=1)
+    base = Path(write_tiny_checkpoint(str(root / "slowfast"), spec))
+    out = {"slowfast": base}
+    for name, changes in {
+        "fast": {"cross_attn_max_layer_depth": 0},
+        "slow": {"cross_attn_max_layer_depth": 0, "fast_token_temporal_stride": 1, "fast_token_spatial_stride": 1},
+    }.items():
+        path = Path(write_tiny_checkpoint(str(root / name), spec))
+        config = json.loads((path / "config.json").read_text())
+        config.update(changes)
+        (path / "config.json").write_text(json.dumps(config))
+        out[name] = path
+    return out
+
+
+def test_measure_prefill_counts_each_variants_tokens(tmp_path):
+    data = tmp_path / "data"
+    generate_dataset(data, num_videos=2, num_images=0, num_text=0, size=64, frames=16, fps=8, seed=2, split="test")
+    checkpoints = _variant_checkpoints(tmp_path)
+
+    p = {name: measure_prefill(path, data, videos=1, repeats=1) for name, path in checkpoints.items()}
+
+    # 16 frames: 4 x 16 fast tokens; 256 slow tokens, cross-attended or read as ordinary tokens.
+    assert p["slowfast"]["cross_attended_slow_tokens"] == 256
+    assert p["fast"]["cross_attended_slow_tokens"] == p["slow"]["cross_attended_slow_tokens"] == 0
+    assert p["slowfast"]["lm_prefill_tokens"] == p["fast"]["lm_prefill_tokens"]
+    assert p["slow"]["lm_prefill_tokens"] - p["fast"]["lm_prefill_tokens"] == 256 - 64
+    assert all(r["lm_prefill_ms"] > 0 for r in p.values())
+
+
+def test_ablation_report_has_a_row_per_variant_and_a_plot(tmp_path):
+    chance = {f: 100.0 / len(a) for f, a in FAMILY_ANSWERS.items()}
+    results = {"chance": chance, "variants": {}}
+    for k, name in enumerate(VARIANTS):
+        results["variants"][name] = {
+            "accuracy": {f: 50.0 + k for f in FAMILY_ANSWERS},
+            "prefill": {"lm_prefill_tokens": 100 * (k + 1), "cross_attended_slow_tokens": 0, "lm_prefill_ms": 1.5 * (k + 1)},
+        }
+
+    table = render_markdown(results)
+    draw_plot(results, tmp_path / "ablation.png")
+
+    rows = table.strip().splitlines()
+    assert len(rows) == 2 + len(VARIANTS)
+    assert "(a) slow-fast" in rows[2] and "52.0 %" in rows[4] and "4.50" in rows[4]
+    assert "flash (detail) (chance 20 %)" in rows[0]
+    assert (tmp_path / "ablation.png").stat().st_size > 10_000
