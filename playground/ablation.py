@@ -5,9 +5,9 @@
 Three tiny models are trained the same way (``scripts/tiny/train_tiny.sh``: same data, same pretrained
 tower, same base, same optimiser and steps), differing only in how the video reaches the language model:
 
-* ``slowfast`` -- 16 pooled fast tokens in the language model, all 256 slow tokens through hybrid layers
-  (the committed ``assets/tiny-slowfast``);
-* ``fast`` -- the same 16 fast tokens, no hybrid layers: the same token budget in the language model;
+* ``slowfast`` -- 64 pooled fast tokens in the language model, all 256 slow tokens through hybrid layers
+  (the recipe of ``assets/tiny-slowfast``);
+* ``fast`` -- the same 64 fast tokens, no hybrid layers: the same token budget in the language model;
 * ``slow`` -- all 256 slow tokens in the language model as ordinary tokens, no hybrid layers (the
   self-attention-only baseline).
 

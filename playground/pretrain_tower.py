@@ -9,11 +9,7 @@ change with the image, so the language model learns the answers' priors and neve
 script gives the tiny tower what CLIP gives the big one, cheaply: dense supervision from the generator's
 ground truth. For every cell of the tower's output grid a linear head predicts which colours (red, green,
 blue, yellow, white) and which shapes (square, circle, triangle) cover part of it, with binary
-cross-entropy, and where the cell is (its row and column, regressed), on freshly rendered frames of random
-scenes (never the QA splits' videos). The position target matters: the slow tokens reach the language model
-without positions, and the fast tokens only by their order in the sequence, which a language model trained
-from scratch does not learn to read as left/right/up/down in a few thousand steps (the direction family
-stayed at chance); a tower whose features say where they are, as CLIP's do, fixes that. The head is
+cross-entropy, on freshly rendered frames of random scenes (never the QA splits' videos). The head is
 thrown away; the tower is written in timm's layout, which ``--vision_tower_pretrained`` and
 :meth:`LlavaQwenSlowFastForCausalLM.load_vision_tower_weights` read.
 """
@@ -36,7 +32,6 @@ from llava.model.vision_tower import build_image_processor
 from playground.synthetic_data import COLORS, SHAPES, render_scene, sample_scene, shape_mask
 
 NUM_LABELS = len(COLORS) + len(SHAPES)
-POSITION_WEIGHT = 1.0  # of the position regression's mean squared error, beside the labels' cross-entropy
 
 
 def label_maps(spec) -> np.ndarray:
@@ -77,30 +72,16 @@ def sample_batch(rng: np.random.Generator, processor: Any, size: int, grid: int,
 
 
 class TowerWithHead(torch.nn.Module):
-    """ConvNeXt features ``[N, C, g, g]`` -> per-cell label logits and (row, col) ``[N, g*g, 8 + 2]``."""
+    """ConvNeXt features ``[N, C, g, g]`` -> per-cell label logits ``[N, g*g, 8]``."""
 
     def __init__(self, depths: list[int], dims: list[int], output_stride: int) -> None:
         super().__init__()
         self.tower = ConvNeXt(depths=depths, dims=dims, num_classes=0, norm_eps=1e-5, output_stride=output_stride)
-        self.head = torch.nn.Linear(dims[-1], NUM_LABELS + 2)
+        self.head = torch.nn.Linear(dims[-1], NUM_LABELS)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         features = self.tower.forward_features(pixels).flatten(2).transpose(1, 2)
         return self.head(features)
-
-
-def cell_positions(grid: int) -> torch.Tensor:
-    """``[grid*grid, 2]`` (row, col) of each cell in raster order, scaled to [-1, 1]."""
-    coords = torch.linspace(-1.0, 1.0, grid)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    return torch.stack([rows.flatten(), cols.flatten()], dim=1)
-
-
-def tower_loss(outputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label cross-entropy plus :data:`POSITION_WEIGHT` x position squared error; returns (total, position part)."""
-    labels = F.binary_cross_entropy_with_logits(outputs[..., :NUM_LABELS], targets)
-    where = F.mse_loss(outputs[..., NUM_LABELS:], positions.expand_as(outputs[..., NUM_LABELS:]))
-    return labels + POSITION_WEIGHT * where, where
 
 
 def pretrain_tower(
@@ -129,11 +110,10 @@ def pretrain_tower(
     model = TowerWithHead(depths, dims, output_stride)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    positions = cell_positions(grid)
     start, history = time.perf_counter(), []
     for step in range(1, steps + 1):
         pixels, targets = sample_batch(rng, processor, image_size, grid, frames_per_scene, scenes_per_step)
-        loss, _ = tower_loss(model(pixels), targets, positions)
+        loss = F.binary_cross_entropy_with_logits(model(pixels), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -146,9 +126,7 @@ def pretrain_tower(
     eval_rng = np.random.default_rng(seed + 1000)
     with torch.no_grad():
         pixels, targets = sample_batch(eval_rng, processor, image_size, grid, frames_per_scene, 32)
-        outputs = model(pixels)
-        predicted = outputs[..., :NUM_LABELS] > 0
-        position_error = (outputs[..., NUM_LABELS:] - positions).abs().mean().item() * (grid - 1) / 2
+        predicted = model(pixels) > 0
         cell_accuracy = (predicted == targets.bool()).float().mean().item()
         positives = targets.bool()
         recall = (predicted & positives).sum().item() / max(positives.sum().item(), 1)
@@ -158,7 +136,7 @@ def pretrain_tower(
     return {
         "out": str(out), "steps": steps, "seconds": round(time.perf_counter() - start, 1),
         "final_loss": history[-1]["loss"], "cell_label_accuracy": round(cell_accuracy, 4),
-        "positive_label_recall": round(recall, 4), "position_error_cells": round(position_error, 3), "grid": grid,
+        "positive_label_recall": round(recall, 4), "grid": grid,
     }  # fmt: skip
 
 

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_VIDEO = REPO / "assets" / "demo.mp4"
 TRAINED = REPO / "assets" / "tiny-slowfast"
 SCREENSHOT = REPO / "assets" / "gradio_web.png"
-QUESTIONS = ("What moves in the video?", "Where does it go?")
+QUESTIONS = ("What color is the circle?", "How many shapes are there?")  # the demo video: blue, two
 MAX_NEW_TOKENS = 16
 UPLOAD_LIMIT_MB = 0.05  # 51 KB: the demo video (4 KB) fits, the "big" file (100 KB) does not
 TIMEOUT_MS = 60_000
@@ -441,7 +441,10 @@ def test_browser_chat_streams_the_checkpoints_answers_about_the_uploaded_video(
 
     texts = page.page.evaluate("window.answerTexts")
     first_answer = [t for t in texts if normalized(t) and normalized(expected[0].text).startswith(normalized(t))]
-    assert len(first_answer) >= 2, texts  # the first answer showed up in pieces, then whole
+    # The streamer releases text at word ends, so an answer of several words shows up in pieces, then whole; a
+    # one-word answer (the trained checkpoint's) arrives at once. Piecewise streaming of a long answer is also
+    # checked without a browser (test_stream_answer_yields_the_text_piece_by_piece_then_the_stats).
+    assert len(first_answer) >= (2 if " " in normalized(expected[0].text) else 1), texts
     assert page.external == []  # the page needs nothing beyond the server: it works offline
 
     path = SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "gradio_web.png"

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_model
 from playground.evaluate_synthetic import FAMILY_ANSWERS, Question, first_word, question_family, score
-from playground.pretrain_tower import NUM_LABELS, cell_positions, cell_targets, label_maps, pretrain_tower, tower_loss
+from playground.pretrain_tower import NUM_LABELS, cell_targets, label_maps, pretrain_tower
 from playground.synthetic_data import COLORS, SHAPES, FlashSpec, SceneSpec, ShapeSpec, scene_questions
 
 
@@ -36,30 +36,11 @@ def test_cell_targets_flag_a_label_when_any_pixel_of_the_cell_has_it():
     assert targets[0, 2, 0] == 1 and targets.sum() == 1
 
 
-def test_cell_positions_are_row_and_column_in_raster_order():
-    positions = cell_positions(3)
-    assert positions.shape == (9, 2)
-    assert positions[0].tolist() == [-1.0, -1.0] and positions[2].tolist() == [-1.0, 1.0]
-    assert positions[6].tolist() == [1.0, -1.0] and positions[4].tolist() == [0.0, 0.0]
-
-
-def test_tower_loss_adds_the_position_error_to_the_label_loss():
-    positions = cell_positions(2)
-    targets = torch.zeros(1, 4, NUM_LABELS)
-    perfect = torch.cat([torch.full((1, 4, NUM_LABELS), -30.0), positions[None]], dim=-1)
-    total, where = tower_loss(perfect, targets, positions)
-    assert where.item() == 0 and total.item() < 1e-6
-    shifted = perfect.clone()
-    shifted[..., NUM_LABELS:] += 0.5
-    total, where = tower_loss(shifted, targets, positions)
-    assert where.item() == pytest.approx(0.25) and total.item() == pytest.approx(0.25, abs=1e-6)
-
-
 def test_pretrained_tower_file_loads_into_a_model_with_the_same_tower(tmp_path):
     overrides = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "image_size": 64, "output_stride": 16}
     summary = pretrain_tower(tmp_path / "tower.safetensors", 64, [1, 1, 1, 1], [8, 16, 24, 32], 16, steps=2,
                              scenes_per_step=2, frames_per_scene=3, log_every=1)  # fmt: skip
-    assert summary["grid"] == 4 and 0 <= summary["cell_label_accuracy"] <= 1 and summary["position_error_cells"] >= 0
+    assert summary["grid"] == 4 and 0 <= summary["cell_label_accuracy"] <= 1
     model = tiny_model(mm_vision_tower_overrides=overrides)
     before = model.get_vision_tower().vision_tower.stem[0].weight.clone()
     model.load_vision_tower_weights(summary["out"])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the tiny Slow-Fast model of assets/tiny-slowfast from nothing, on CPU (2 cores: about 25 minutes).
+# Train the tiny Slow-Fast model of assets/tiny-slowfast from nothing, on CPU (2 cores: about 23 minutes).
 #
 #   bash scripts/tiny/train_tiny.sh [OUT]          # default OUT: checkpoints/tiny-slowfast
 #
@@ -8,7 +8,8 @@
 #             (playground/synthetic_data.py), into $WORK/data;
 #   1. tower: the tiny ConvNeXt pretrained on dense per-cell colour and shape labels
 #             (playground/pretrain_tower.py): the stand-in for the released model's CLIP tower;
-#   2. base:  a randomly initialised Qwen2 language model and a tokenizer trained on the task's text;
+#   2. base:  a randomly initialised Qwen2 language model and a small byte-level BPE tokenizer
+#             (python -m llava.model.tiny --base);
 #   3. sft:   one stage of supervised fine-tuning of everything but the tower, with the project's trainer
 #             (llava/train/train.py) through scripts/launch_train.sh: 2 processes, DDP over gloo on CPU;
 #   4. export: fp16 weights with the tokenizer in OUT, then test-split accuracy per family in OUT/eval_test.json.
