@@ -3,7 +3,8 @@
     python -m playground.ablation [--work checkpoints/ablation] [--out assets/ablation]
 
 Three tiny models are trained the same way (``scripts/tiny/train_tiny.sh``: same data, same pretrained
-tower, same base, same optimiser and steps), differing only in how the video reaches the language model:
+tower, same base, same optimiser, batch and number of steps), differing only in how the video reaches the
+language model:
 
 * ``slowfast`` -- 64 pooled fast tokens in the language model, all 256 slow tokens through hybrid layers
   (the recipe of ``assets/tiny-slowfast``);
@@ -38,6 +39,7 @@ from llava.conversation import conv_templates
 from llava.mm_utils import tokenizer_image_token
 from llava.video import load_video
 from playground.evaluate_synthetic import FAMILY_ANSWERS, load_questions
+from playground.synthetic_data import COLORS, plan_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "tiny" / "train_tiny.sh"
@@ -122,6 +124,26 @@ def measure_prefill(model_path: Path, data_dir: Path, videos: int = 8, repeats: 
     }
 
 
+def flash_informed_guess(data_dir: Path, split: str = "test", seed: int = 2, size: int = 64, frames: int = 16) -> float:
+    """Accuracy (%) of answering each flash question with a random colour that no shape in the video has.
+
+    The flash never takes a shape's colour, so this, not one in five, is what a model reaches that sees the
+    shapes but not the mark. The split is planned again (plans are deterministic: ``seed``, ``size`` and
+    ``frames`` as in ``scripts/tiny/train_tiny.sh``) and checked against ``split.json`` question by question.
+    """
+    records = [r for r in json.loads((Path(data_dir) / f"{split}.json").read_text()) if "video" in r]
+    plan = plan_dataset(num_videos=len({r["video"] for r in records}), num_images=0, num_text=0, size=size,
+                        frames=frames, seed=seed, split=split)  # fmt: skip
+    guesses = []
+    for record, sample in zip(records, plan.samples, strict=True):
+        answers = [turn["value"] for turn in record["conversations"][1::2]]
+        if record["video"] != plan.video_path(sample.media_index) or answers != [t.answer for t in sample.turns]:
+            raise ValueError(f"{data_dir}/{split}.json: {record['id']} is not the planned split (seed {seed})")
+        used = {shape.color for shape in plan.videos[sample.media_index].shapes}
+        guesses += [1 / (len(COLORS) - len(used)) for t in sample.turns if t.family == "video_flash"]
+    return 100 * sum(guesses) / max(len(guesses), 1)
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -142,6 +164,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         row = [VARIANTS[name]] + accs + [str(p["lm_prefill_tokens"]), str(p["cross_attended_slow_tokens"]),
                                           f"{p['lm_prefill_ms']:.2f}"]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
+    if "flash_informed_guess" in results:
+        lines.append(f"\nNaming a colour that no shape has gives {results['flash_informed_guess']:.1f} % on the flash.")
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +187,11 @@ def draw_plot(results: dict[str, Any], path: Path) -> None:
         ax.bar(xs, ys, width, label=VARIANTS[name], color=colors.get(name))
     for i, f in enumerate(families):
         ax.hlines(results["chance"][f], i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1)
+    if "flash_informed_guess" in results:
+        i = families.index("video_flash")
+        ax.hlines(results["flash_informed_guess"], i - 0.45, i + 0.45, colors="gray", linestyles="dotted", linewidth=1.5)
+        ax.annotate("no shape's colour", (i, results["flash_informed_guess"]), xytext=(0, 3),
+                    textcoords="offset points", ha="center", fontsize=7, color="gray")  # fmt: skip
     ax.set_xticks(range(len(families)), [FAMILY_LABELS[f] for f in families])
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
@@ -222,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[ablation] {name}: trained and scored in {time.perf_counter() - started:.0f} s", flush=True)
     results = {
         "chance": {f: 100.0 / len(FAMILY_ANSWERS[f]) for f in FAMILY_LABELS},
+        "flash_informed_guess": flash_informed_guess(work / "shared" / "data"),
         "variants": collect(work, variants),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "command": "python -m playground.ablation " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m playground.ablation", *(argv if argv is not None else sys.argv[1:])]),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -12,7 +12,13 @@ from safetensors import safe_open
 from llava.model.builder import load_pretrained_model
 from llava.model.export import export_checkpoint
 from llava.model.tiny import TinySpec, write_tiny_checkpoint
-from playground.ablation import VARIANTS, draw_plot, measure_prefill, render_markdown
+from playground.ablation import (
+    VARIANTS,
+    draw_plot,
+    flash_informed_guess,
+    measure_prefill,
+    render_markdown,
+)
 from playground.demo_video import DEMO_QUESTIONS
 from playground.evaluate_synthetic import FAMILY_ANSWERS, evaluate_checkpoint
 from playground.synthetic_data import generate_dataset
@@ -121,7 +127,7 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
 
     env = dict(
         os.environ, WORK=str(tmp_path / "work"), PYTHON=sys.executable, NPROC_PER_NODE="1", MASTER_PORT="29531",
-        MAX_STEPS="2", TOWER_STEPS="2", TRAIN_VIDEOS="6", VAL_VIDEOS="2", TEST_VIDEOS="3", OMP_NUM_THREADS="1",
+        MAX_STEPS="2", TOWER_STEPS="2", TRAIN_VIDEOS="6", VAL_VIDEOS="2", TEST_VIDEOS="3", THREADS="1",
     )  # fmt: skip
     out = tmp_path / "tiny"
     done = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)], env=env, cwd=REPO,
@@ -134,6 +140,9 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
     bad = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)], env={**env, "VARIANT": "huge"},
                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "VARIANT=huge" in bad.stderr
+    uneven = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)],
+                            env={**env, "NPROC_PER_NODE": "3"}, cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
+    assert uneven.returncode == 2 and "NPROC_PER_NODE=3 must divide the global batch of 16" in uneven.stderr
 
 
 
@@ -171,7 +180,7 @@ def test_measure_prefill_counts_each_variants_tokens(tmp_path):
 
 def test_ablation_report_has_a_row_per_variant_and_a_plot(tmp_path):
     chance = {f: 100.0 / len(a) for f, a in FAMILY_ANSWERS.items()}
-    results = {"chance": chance, "variants": {}}
+    results = {"chance": chance, "flash_informed_guess": 34.07, "variants": {}}
     for k, name in enumerate(VARIANTS):
         results["variants"][name] = {
             "accuracy": {f: 50.0 + k for f in FAMILY_ANSWERS},
@@ -182,7 +191,21 @@ def test_ablation_report_has_a_row_per_variant_and_a_plot(tmp_path):
     draw_plot(results, tmp_path / "ablation.png")
 
     rows = table.strip().splitlines()
-    assert len(rows) == 2 + len(VARIANTS)
+    assert len(rows) == 2 + len(VARIANTS) + 2
+    assert rows[-1] == "Naming a colour that no shape has gives 34.1 % on the flash."
     assert "(a) slow-fast" in rows[2] and "52.0 %" in rows[4] and "4.50" in rows[4]
     assert "flash (detail) (chance 20 %)" in rows[0]
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+def test_flash_informed_guess_rules_out_the_shapes_colours(tmp_path):
+    generate_dataset(tmp_path, num_videos=40, num_images=0, num_text=0, size=64, frames=16, fps=8, seed=2, split="test")
+    guess = flash_informed_guess(tmp_path)
+    # one to three shapes leave four to two colours for the flash
+    assert 25.0 <= guess <= 50.0
+
+    records = json.loads((tmp_path / "test.json").read_text())
+    records[3]["conversations"][1]["value"] = "purple"
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="test_video_0003.*not the planned split"):
+        flash_informed_guess(tmp_path)

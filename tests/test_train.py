@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.tiny import TinySpec, write_tiny_checkpoint, write_tower_file
 from llava.train.arguments import ModelArguments, TrainingArguments
 from llava.train.data import DataArguments
@@ -83,6 +84,24 @@ def test_stage2_trains_everything_unless_tower_frozen():
     set_trainable(model, ModelArguments(model_name_or_path="x", freeze_mm_vision_encoder=True))
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and all("vision_tower" in n for n in frozen)
+
+
+def test_freeze_cross_attn_with_a_zero_warm_up_gate_trains_fast_tokens_only():
+    model = tiny_model(warm_up_gate=0.0)
+    set_trainable(model, ModelArguments(model_name_or_path="x", freeze_mm_vision_encoder=True, freeze_cross_attn=True))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {n for n in frozen if "vision_tower" not in n} == {n for n, _ in model.named_parameters() if "cross_attn_" in n}
+
+    ids = torch.tensor([[5, 6, IMAGE_TOKEN_INDEX, 7, 8, 9]])
+    video = random_video(8)
+    logits = model(input_ids=ids, images=[video]).logits
+    logits.sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if "cross_attn_" in n)
+    with torch.no_grad():
+        for layer in model.hybrid_layers:
+            layer.self_attn.cross_attn_kv_proj.weight.normal_()
+        # the gate is zero, so the slow path adds nothing whatever its weights
+        torch.testing.assert_close(model(input_ids=ids, images=[video]).logits, logits)
 
 
 def test_optimizer_uses_separate_learning_rates(tmp_path):

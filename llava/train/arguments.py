@@ -32,6 +32,11 @@ class ModelArguments:
         default=False, metadata={"help": "Stage 1: train only the projector and the cross-attention parameters."}
     )
     freeze_mm_vision_encoder: bool = field(default=False, metadata={"help": "Keep the vision tower frozen in SFT."})
+    freeze_cross_attn: bool = field(
+        default=False,
+        metadata={"help": "Keep the hybrid layers' cross_attn_* parameters frozen. With a warm-up gate (zero at the "
+                          "start) the model then trains on fast tokens only, a curriculum stage before the slow path."},
+    )
     mm_video_pooling_stride: int = field(default=2)
     mm_vision_chunk_frames: int | None = field(default=None, metadata={"help": "Encode at most this many frames at once."})
     min_fast_frames: int = field(default=16)

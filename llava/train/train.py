@@ -102,9 +102,12 @@ def build_model(model_args, data_args, training_args) -> LlavaQwenSlowFastForCau
 
 def set_trainable(model, model_args: ModelArguments) -> None:
     """Stage 1 (``tune_mm_mlp_adapter``): only the projector and ``cross_attn_*``. Stage 2: everything,
-    except the vision tower with ``freeze_mm_vision_encoder``."""
+    except the vision tower with ``freeze_mm_vision_encoder``. ``freeze_cross_attn`` holds ``cross_attn_*``
+    fixed in either stage."""
     for name, param in model.named_parameters():
-        if model_args.tune_mm_mlp_adapter:
+        if model_args.freeze_cross_attn and CROSS_ATTN in name:
+            param.requires_grad_(False)
+        elif model_args.tune_mm_mlp_adapter:
             param.requires_grad_(PROJECTOR in name or CROSS_ATTN in name)
         elif model_args.freeze_mm_vision_encoder and VISION_TOWER in name:
             param.requires_grad_(False)

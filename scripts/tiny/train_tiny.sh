@@ -11,12 +11,13 @@
 #   2. base:  a randomly initialised Qwen2 language model and a small byte-level BPE tokenizer
 #             (python -m llava.model.tiny --base);
 #   3. sft:   one stage of supervised fine-tuning of everything but the tower, with the project's trainer
-#             (llava/train/train.py) through scripts/launch_train.sh: 2 processes, DDP over gloo on CPU;
+#             (llava/train/train.py) through scripts/launch_train.sh: 16 conversations per step whatever
+#             the process count (2 processes by default, DDP over gloo on CPU);
 #   4. export: fp16 weights with the tokenizer in OUT, then test-split accuracy per family in OUT/eval_test.json.
 #
 # Environment: WORK [OUT.work] holds the data, tower and training output; VARIANT picks the architecture
 # (slowfast [default], fast: no hybrid layers, slow: every slow token in the language model, no hybrid layers);
-# PYTHON [python3]; NPROC_PER_NODE [2]; MASTER_PORT [29500]. For smoke tests only (they change the result):
+# PYTHON [python3]; NPROC_PER_NODE [2]; THREADS [cores / NPROC_PER_NODE, per process]; MASTER_PORT [29500]. For smoke tests only (they change the result):
 # MAX_STEPS [3000], TOWER_STEPS [2000], TRAIN_VIDEOS [8000], VAL_VIDEOS [200], TEST_VIDEOS [500].
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -25,6 +26,11 @@ WORK="${WORK:-$OUT.work}"
 VARIANT="${VARIANT:-slowfast}"
 PYTHON="${PYTHON:-python3}"
 MAX_STEPS="${MAX_STEPS:-3000}" TOWER_STEPS="${TOWER_STEPS:-2000}"
+NPROC_PER_NODE="${NPROC_PER_NODE:-2}" GLOBAL_BATCH=16
+if (( NPROC_PER_NODE < 1 || GLOBAL_BATCH % NPROC_PER_NODE != 0 )); then
+    echo "error: NPROC_PER_NODE=$NPROC_PER_NODE must divide the global batch of $GLOBAL_BATCH" >&2; exit 2
+fi
+THREADS="${THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}"
 export PYTHON
 cd "$ROOT"
 
@@ -82,14 +88,14 @@ if [[ ! -f "$RUN/model.safetensors" ]]; then
     source "$ROOT/scripts/launch_train.sh"
     (
         export MODEL="$BASE" DATA_PATH="$DATA/train.json" VIDEO_DIR="$DATA" OUTPUT_DIR="$RUN"
-        export NPROC_PER_NODE="${NPROC_PER_NODE:-2}" OMP_NUM_THREADS=1
+        export NPROC_PER_NODE OMP_NUM_THREADS="$THREADS"
         launch_train --version qwen_1_5 \
             --vision_tower convnext-576 --vision_tower_pretrained "$TOWER" --mm_vision_tower_overrides "$OVERRIDES" \
             --freeze_mm_vision_encoder True --mm_projector_type mlp2x_gelu --tune_mm_mlp_adapter False \
             --initialize_cross_attn_kv_from_lm True --cross_attn_every_n_layers 1 --cross_attn_implementation text-only-vanilla-flashattn \
             --cross_attn_gating_type whole-dynamic-tanh --mm_video_pooling_stride 2 \
             --video_frames "$FRAMES" --fps 0 --min_fast_frames 4 "${VARIANT_ARGS[@]}" \
-            --learning_rate 1e-3 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 \
+            --learning_rate 1e-3 --per_device_train_batch_size $(( GLOBAL_BATCH / NPROC_PER_NODE )) --gradient_accumulation_steps 1 \
             --max_steps "$MAX_STEPS" --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0 \
             --max_grad_norm 1.0 --model_max_length 512 --seed 0 --data_seed 0 \
             --save_strategy no --logging_steps 50 --dataloader_num_workers 0 --lazy_preprocess True --report_to none
@@ -101,5 +107,7 @@ if [[ ! -f "$OUT/config.json" ]]; then
     log "exporting fp16 weights to $OUT"
     "$PYTHON" -m llava.model.export "$RUN" "$OUT" --dtype float16
 fi
-log "scoring the test split"
-"$PYTHON" -m playground.evaluate_synthetic --model-path "$OUT" --data "$DATA" --split test --out "$OUT/eval_test.json"
+if [[ ! -f "$OUT/eval_test.json" ]]; then
+    log "scoring the test split"
+    "$PYTHON" -m playground.evaluate_synthetic --model-path "$OUT" --data "$DATA" --split test --out "$OUT/eval_test.json"
+fi
