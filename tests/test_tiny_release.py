@@ -209,3 +209,18 @@ def test_flash_informed_guess_rules_out_the_shapes_colours(tmp_path):
     (tmp_path / "test.json").write_text(json.dumps(records))
     with pytest.raises(ValueError, match="test_video_0003.*not the planned split"):
         flash_informed_guess(tmp_path)
+
+
+def test_readme_shows_the_committed_ablation_output():
+    results = json.loads((REPO / "assets/ablation/ablation.json").read_text())
+    table = (REPO / "assets/ablation/ablation.md").read_text()
+    readme = (REPO / "README.md").read_text()
+
+    assert set(results["variants"]) == set(VARIANTS)
+    assert table == render_markdown(results)
+    for line in table.strip().splitlines():
+        assert line in readme, line
+    assert "assets/ablation/ablation.png" in readme and (REPO / "assets/ablation/ablation.png").is_file()
+    # (a) is the committed checkpoint: its row is that checkpoint's test score
+    committed = json.loads((TINY / "eval_test.json").read_text())
+    assert results["variants"]["slowfast"]["accuracy"] == {f: r["accuracy"] for f, r in committed["families"].items()}
