@@ -224,3 +224,41 @@ def test_readme_shows_the_committed_ablation_output():
     # (a) is the committed checkpoint: its row is that checkpoint's test score
     committed = json.loads((TINY / "eval_test.json").read_text())
     assert results["variants"]["slowfast"]["accuracy"] == {f: r["accuracy"] for f, r in committed["families"].items()}
+
+
+# ----------------------------------------------------------------- the visual-path probe
+
+
+def test_scramble_fast_shuffles_or_averages_fast_tokens_and_keeps_slow():
+    from llava.model.slow_fast import SlowFastTokens
+    from playground.probe_visual_paths import scramble_fast
+
+    tokens = SlowFastTokens(fast=torch.arange(16.0).view(8, 2), slow=torch.randn(5, 2))
+    generator = torch.Generator().manual_seed(0)
+
+    shuffled = scramble_fast(tokens, "fast shuffled", generator)
+    assert not torch.equal(shuffled.fast, tokens.fast)
+    assert sorted(shuffled.fast[:, 0].tolist()) == tokens.fast[:, 0].tolist()
+    averaged = scramble_fast(tokens, "fast averaged", generator)
+    assert torch.equal(averaged.fast, tokens.fast.mean(0).expand(8, 2))
+    assert shuffled.slow is tokens.slow and averaged.slow is tokens.slow
+    assert scramble_fast(tokens, "intact", generator) is tokens
+    with pytest.raises(ValueError, match="mode 'reversed'"):
+        scramble_fast(tokens, "reversed", generator)
+
+
+def test_probe_scores_every_question_in_each_mode(tmp_path):
+    from playground.probe_visual_paths import MODES, format_table, probe
+
+    data = tmp_path / "data"
+    generate_dataset(data, num_videos=3, num_images=0, num_text=0, size=64, frames=16, fps=8, seed=1, split="val")
+    spec = TinySpec(frames=16, vision_output_stride=8, temporal_stride=4, min_fast_frames=4, cross_attn_every_n_layers=1)
+    ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), spec)
+
+    result = probe(ckpt, str(data), "val", videos=3, batch=2)
+
+    turns = sum(len(r["conversations"]) // 2 for r in json.loads((data / "val.json").read_text()))
+    assert result["videos"] == 3 and sum(result["questions"].values()) == turns
+    assert set(result["accuracy"]) == set(MODES)
+    assert all(0.0 <= a <= 100.0 for mode in MODES for a in result["accuracy"][mode].values())
+    assert format_table(result).count("\n") == 2 + len(MODES)
