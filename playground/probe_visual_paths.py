@@ -1,18 +1,23 @@
 """Which visual path does a trained model read? Per-family accuracy with the fast tokens intact or scrambled.
 
     python -m playground.probe_visual_paths --model-path assets/tiny-slowfast --data DATA [--split val]
+        [--videos 200] [--modes intact "fast shuffled" "fast averaged"]
 
 The first answer token of every question is scored teacher-forced (the argmax after the prompt and the
 video), three times: with the fast tokens as they are; with the fast tokens of each video shuffled (their
 content kept, their order -- where and when each came from -- lost); and with every fast token replaced by
 the video's mean fast token (only the average content left). The slow tokens are never touched. A family
 whose accuracy does not move when the fast tokens are scrambled is answered from the slow path.
+
+The mean cross-entropy of that token is reported too. On the training split it tells a family the model has
+not fitted (a loss of ln K for K answers: a uniform guess among them) from one it has over-fitted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -40,8 +45,14 @@ def scramble_fast(tokens: SlowFastTokens, mode: str, generator: torch.Generator)
 
 
 @torch.no_grad()
-def probe(model_path: str, data_dir: str, split: str = "val", videos: int = 200, batch: int = 25, seed: int = 0) -> dict[str, Any]:
-    """Teacher-forced first-answer-token accuracy (%) per family and mode over the split's first ``videos``."""
+def probe(
+    model_path: str, data_dir: str, split: str = "val", videos: int = 200, batch: int = 25, seed: int = 0,
+    modes: tuple[str, ...] = MODES,
+) -> dict[str, Any]:
+    """Teacher-forced first-answer-token accuracy (%) and mean cross-entropy (nats) per family and mode over
+    the split's first ``videos``."""
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"modes {list(modes)}: choose from {MODES}")
     from llava.model.builder import load_pretrained_model
 
     tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu", torch_dtype="float32")
@@ -59,8 +70,9 @@ def probe(model_path: str, data_dir: str, split: str = "val", videos: int = 200,
                 *tokenizer("\n")["input_ids"]}  # fmt: skip
 
     encode = model.encode_images
-    hits: dict[str, dict[str, list[int]]] = {mode: defaultdict(list) for mode in MODES}
-    for mode in MODES:
+    hits: dict[str, dict[str, list[int]]] = {mode: defaultdict(list) for mode in modes}
+    losses: dict[str, dict[str, list[float]]] = {mode: defaultdict(list) for mode in modes}
+    for mode in modes:
         generator = torch.Generator().manual_seed(seed)
         model.encode_images = lambda images, mode=mode, g=generator: [scramble_fast(t, mode, g) for t in encode(images)]
         try:
@@ -78,24 +90,34 @@ def probe(model_path: str, data_dir: str, split: str = "val", videos: int = 200,
                     turns = records[index]["conversations"][0::2]
                     for turn, pos in zip(turns, starts, strict=True):
                         family = question_family(turn["value"].replace("<image>", "").strip())
-                        predicted = logits[row, pos - 1 + offset].argmax()
-                        hits[mode][family].append(int(predicted == labels[row, pos]))
+                        scores, target = logits[row, pos - 1 + offset], labels[row, pos]
+                        hits[mode][family].append(int(scores.argmax() == target))
+                        losses[mode][family].append(torch.nn.functional.cross_entropy(scores, target).item())
         finally:
             model.encode_images = encode
-    families = [f for f in FAMILY_ANSWERS if f in hits["intact"]]
+    families = [f for f in FAMILY_ANSWERS if f in hits[modes[0]]]
     return {
-        "model": model_path, "split": split, "videos": len(chosen),
-        "questions": {f: len(hits["intact"][f]) for f in families},
-        "accuracy": {mode: {f: 100 * sum(hits[mode][f]) / len(hits[mode][f]) for f in families} for mode in MODES},
+        "model": model_path, "split": split, "videos": len(chosen), "modes": list(modes),
+        "questions": {f: len(hits[modes[0]][f]) for f in families},
+        "accuracy": {mode: {f: 100 * sum(hits[mode][f]) / len(hits[mode][f]) for f in families} for mode in modes},
+        "loss": {mode: {f: sum(losses[mode][f]) / len(losses[mode][f]) for f in families} for mode in modes},
+        "uniform_loss": {f: math.log(len(FAMILY_ANSWERS[f])) for f in families},
     }  # fmt: skip
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_table(result: dict[str, Any], metric: str = "accuracy") -> str:
+    """A markdown table, a row per mode and a column per family, of ``metric`` (``accuracy`` or ``loss``);
+    the loss table ends with a row of the uniform guess's loss, ln(number of answers)."""
+    if metric not in ("accuracy", "loss"):
+        raise ValueError(f"metric {metric!r}: use 'accuracy' or 'loss'")
     families = list(result["questions"])
-    lines = ["| fast tokens | " + " | ".join(f"{f.removeprefix('video_')} ({result['questions'][f]})" for f in families) + " |",
+    cell = (lambda v: f"{v:.1f} %") if metric == "accuracy" else (lambda v: f"{v:.3f}")
+    lines = [f"| fast tokens ({metric}) | " + " | ".join(f"{f.removeprefix('video_')} ({result['questions'][f]})" for f in families) + " |",
              "|" + " --- |" * (len(families) + 1)]  # fmt: skip
-    for mode in MODES:
-        lines.append(f"| {mode} | " + " | ".join(f"{result['accuracy'][mode][f]:.1f} %" for f in families) + " |")
+    for mode in result["modes"]:
+        lines.append(f"| {mode} | " + " | ".join(cell(result[metric][mode][f]) for f in families) + " |")
+    if metric == "loss":
+        lines.append("| uniform guess | " + " | ".join(cell(result["uniform_loss"][f]) for f in families) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -106,11 +128,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--split", default="val")
     parser.add_argument("--videos", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which fast-token treatments to score")
     args = parser.parse_args(argv)
     if not (Path(args.data) / f"{args.split}.json").is_file():
         parser.error(f"--data {args.data}: no {args.split}.json there")
-    result = probe(args.model_path, args.data, args.split, args.videos, seed=args.seed)
+    result = probe(args.model_path, args.data, args.split, args.videos, seed=args.seed, modes=tuple(args.modes))
     print(format_table(result), end="")
+    print(format_table(result, "loss"), end="")
     return result
 
 

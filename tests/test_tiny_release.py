@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -261,4 +262,21 @@ def test_probe_scores_every_question_in_each_mode(tmp_path):
     assert result["videos"] == 3 and sum(result["questions"].values()) == turns
     assert set(result["accuracy"]) == set(MODES)
     assert all(0.0 <= a <= 100.0 for mode in MODES for a in result["accuracy"][mode].values())
+    assert all(loss > 0 and math.isfinite(loss) for mode in MODES for loss in result["loss"][mode].values())
+    assert result["uniform_loss"]["video_direction"] == pytest.approx(math.log(5))
     assert format_table(result).count("\n") == 2 + len(MODES)
+    assert format_table(result, "loss").count("\n") == 3 + len(MODES)
+
+
+def test_probe_scores_only_the_modes_asked_and_refuses_unknown_ones(tmp_path):
+    from playground.probe_visual_paths import probe
+
+    data = tmp_path / "data"
+    generate_dataset(data, num_videos=2, num_images=0, num_text=0, size=64, frames=16, fps=8, seed=1, split="val")
+    spec = TinySpec(frames=16, vision_output_stride=8, temporal_stride=4, min_fast_frames=4, cross_attn_every_n_layers=1)
+    ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt"), spec)
+
+    result = probe(ckpt, str(data), "val", videos=2, modes=("intact",))
+    assert result["modes"] == ["intact"] and set(result["loss"]) == {"intact"}
+    with pytest.raises(ValueError, match="reversed"):
+        probe(ckpt, str(data), "val", videos=2, modes=("reversed",))
