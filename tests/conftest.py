@@ -12,7 +12,8 @@ from llava.model import LlavaQwenSlowFastConfig, LlavaQwenSlowFastForCausalLM
 from llava.serve import cli
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path(os.environ.get("SLOWFAST_FIXTURE", REPO.parent / "shared" / "fixtures" / "reference_tiny"))
+# The reference fixture ships with the tests; SLOWFAST_FIXTURE may point at another copy.
+FIXTURE = Path(os.environ.get("SLOWFAST_FIXTURE", REPO / "tests" / "fixtures" / "reference_tiny"))
 
 
 def tiny_config(**overrides) -> LlavaQwenSlowFastConfig:

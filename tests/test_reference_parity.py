@@ -1,4 +1,4 @@
-"""Parity with ../shared/fixtures/reference_tiny (numbers from the reference implementation)."""
+"""Parity with tests/fixtures/reference_tiny (numbers from the reference implementation)."""
 
 from __future__ import annotations
 
