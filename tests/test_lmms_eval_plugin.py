@@ -288,6 +288,18 @@ def _run(command: list[str], tmp_path: Path, **env: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+def test_a_failure_inside_lmms_eval_makes_the_script_exit_non_zero_with_the_reason(tmp_path):
+    # lmms-eval itself logs "Error during evaluation" and exits 0 when the model cannot be built.
+    missing = tmp_path / "no_such_checkpoint"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CKPT": str(missing), "NUM_PROCESSES": "1",
+           "OUTPUT_DIR": str(tmp_path / "out"), "PYTHON": sys.executable}  # fmt: skip
+    command = ["bash", "scripts/eval/run_lmms_eval.sh", "synthetic_video_qa", "--include_path", "playground/lmms_eval_tasks"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    reason = proc.stderr.strip().splitlines()[-1]
+    assert reason.startswith("lmms-eval failed: Error during evaluation:") and str(missing) in reason
+
+
 def test_lmms_eval_runs_the_local_task_in_one_and_two_processes(tiny_checkpoint, tmp_path):
     from playground.lmms_eval_tasks.synthetic_video_qa.prepare import prepare
 
@@ -312,7 +324,7 @@ def test_lmms_eval_runs_the_local_task_in_one_and_two_processes(tiny_checkpoint,
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631"]
     lmms = ["-m", "lmms_eval", "--model", "slowfast_videomllm", "--model_args", model_args, "--tasks", tasks,
             *include, "--output_path", str(tmp_path / "two")]  # fmt: skip
-    _run([*torchrun, *lmms], tmp_path)
+    _run([sys.executable, "-m", "llava.eval.checked_run", "--", *torchrun, *lmms], tmp_path)
     double = _results(tmp_path / "two")
     assert double["n-samples"] == single["n-samples"]
     assert double["results"]["synthetic_video_qa"]["accuracy,none"] == accuracy

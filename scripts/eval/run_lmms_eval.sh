@@ -15,6 +15,7 @@
 #   OUTPUT_DIR    where results are written     (default logs/eval)
 #   MAIN_PORT     accelerate's rendezvous port  (default 29517)
 # Extra arguments go to lmms-eval last, so they win (e.g. --limit 8, --log_samples).
+# Exit status: non-zero when lmms-eval fails, logs an evaluation error or writes no results file.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -59,8 +60,10 @@ LMMS_ARGS=(--model slowfast_videomllm --model_args "$MODEL_ARGS" --tasks "$TASK"
     --batch_size "$BATCH_SIZE" --log_samples --log_samples_suffix "$LOG_NAME" --output_path "$OUTPUT_DIR")
 
 echo "lmms-eval: task ${TASK}, checkpoint ${CKPT}, frames ${NUM_FRAMES:-from config}, ${NUM_PROCESSES} process(es)"
+# lmms-eval exits 0 after an error inside a task; checked_run makes that (or a missing results file) a failure
+# with the reason on the last line.
 if [[ "$NUM_PROCESSES" -gt 1 ]]; then
-    exec "$PYTHON" -m accelerate.commands.launch --num_processes "$NUM_PROCESSES" --main_process_port "${MAIN_PORT:-29517}" \
-        -m lmms_eval "${LMMS_ARGS[@]}" "$@"
+    exec "$PYTHON" -m llava.eval.checked_run -- "$PYTHON" -m accelerate.commands.launch --num_processes "$NUM_PROCESSES" \
+        --main_process_port "${MAIN_PORT:-29517}" -m lmms_eval "${LMMS_ARGS[@]}" "$@"
 fi
-exec "$PYTHON" -m lmms_eval "${LMMS_ARGS[@]}" "$@"
+exec "$PYTHON" -m llava.eval.checked_run -- "$PYTHON" -m lmms_eval "${LMMS_ARGS[@]}" "$@"
