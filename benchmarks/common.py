@@ -80,6 +80,8 @@ LM_SHAPES: dict[str, LMShape] = {
     "small": LMShape(4096, 512, 2048, 8, 8, 2, 4, max_positions=16384),
     # Qwen2-7B-Instruct: 28 layers, hidden 3584, 28 heads, 4 kv heads; hybrid layers 0, 8, 16, 24
     "released": LMShape(152064, 3584, 18944, 28, 28, 4, 8),
+    # Qwen2-0.5B: 24 layers, hidden 896, 14 heads, 2 kv heads; hybrid layers 0, 8, 16 (a second CPU shape)
+    "qwen2_0_5b": LMShape(151936, 896, 4864, 24, 14, 2, 8),
 }
 VISION_SHAPES: dict[str, VisionShape] = {
     "smoke": VisionShape((1, 1, 1, 1), (8, 16, 24, 32), 64),

@@ -24,7 +24,7 @@ from dataclasses import replace
 from functools import partial
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from llava.constants import TOKEN_TYPE_TEXT, TOKEN_TYPE_VISUAL
 from llava.model import SlowFastParams, SlowFastTokens, hybrid_layer
@@ -65,9 +65,20 @@ FRAMES = {"smoke": (2, 4), "small": (16, 32, 64, 128), "released": (16, 32, 64, 
 PAPER_CLAIM = 1.03  # paper: 16 -> 128 frames for about 3 % more LLM prefill compute
 
 
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# PyTorch's counter has formulas for the CUDA SDPA kernels but not for the CPU flash kernel that SDPA picks
+# on a CPU (torch >= 2.14 there), which it would count as zero.
+_EXTRA_FLOP_FORMULAS = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flops
+
+
 def count_flops(fn) -> int:
     """FLOPs of ``fn()`` as counted by ``FlopCounterMode`` (matmuls, convolutions, attention; 2 per multiply-add)."""
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter, torch.inference_mode():
         fn()
     return int(counter.get_total_flops())
 

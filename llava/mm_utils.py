@@ -1,5 +1,5 @@
 """Helpers shared by training, evaluation and serving: prompt tokenisation, image preprocessing,
-model-name parsing and generation stopping criteria."""
+model-name parsing, the checkpoint's trained frame count and generation stopping criteria."""
 
 from __future__ import annotations
 
@@ -103,6 +103,66 @@ def process_images(
     if new_images and all(x.shape == new_images[0].shape for x in new_images):
         return torch.stack(new_images, dim=0)
     return new_images
+
+
+# --------------------------------------------------------------------------------------------
+# Frames per video
+# --------------------------------------------------------------------------------------------
+
+# Config fields that record the training frame count: ours first, then the name the reference's trainer
+# writes into the released checkpoints' configs.
+TRAINED_FRAMES_FIELDS = ("video_frames", "mm_training_video_frames")
+
+
+def trained_video_frames(config: Any) -> int | None:
+    """Frames per video the checkpoint was trained with, read from its config (``video_frames``, else
+    ``mm_training_video_frames``); None when the config records neither."""
+    for name in TRAINED_FRAMES_FIELDS:
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return None
+
+
+def fast_frame_count(num_frames: int, config: Any) -> tuple[int, bool]:
+    """``(fast frames, pooled adaptively)`` for a video of ``num_frames`` frames under ``config``'s
+    slow/fast settings: mean-pooled groups of ``fast_token_temporal_stride`` frames when that leaves at
+    least ``min_fast_frames``, else adaptive pooling to ``min(frames, min_fast_frames)``."""
+    from llava.model.slow_fast import temporal_sample_indices
+
+    stride = getattr(config, "fast_token_temporal_stride", 1)
+    min_fast = getattr(config, "min_fast_frames", 1)
+    sampling_stride = getattr(config, "fast_token_temporal_sampling_stride", 1)
+    sampled = len(temporal_sample_indices(num_frames, sampling_stride, min_fast))
+    if num_frames <= 1 or sampled // stride >= min_fast:
+        return (num_frames if num_frames <= 1 else sampled // stride), False
+    return min(sampled, min_fast), True
+
+
+def frame_count_warning(requested: int, config: Any) -> str | None:
+    """The warning to give when ``requested`` frames per video differ from the checkpoint's trained count.
+
+    None when they agree or the config records no count. The text names both counts and, when the fast path
+    changes kind (mean pooling in training, adaptive pooling now, or the reverse), says so.
+    """
+    trained = trained_video_frames(config)
+    if trained is None or requested == trained:
+        return None
+    message = (
+        f"this checkpoint was trained with {trained} frames per video but {requested} are sampled "
+        f"(at most); answers may be worse than with {trained}"
+    )
+    fast_now, adaptive_now = fast_frame_count(requested, config)
+    fast_trained, adaptive_trained = fast_frame_count(trained, config)
+    if adaptive_now and not adaptive_trained:
+        stride = getattr(config, "fast_token_temporal_stride", 1)
+        min_fast = getattr(config, "min_fast_frames", 1)
+        message += (
+            f": {requested} frames / fast_token_temporal_stride {stride} = {requested // stride} < min_fast_frames "
+            f"{min_fast}, so the fast tokens are pooled adaptively to {fast_now} frames, which training never did "
+            f"({fast_trained} mean-pooled fast frames)"
+        )
+    return message
 
 
 # --------------------------------------------------------------------------------------------

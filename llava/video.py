@@ -3,22 +3,27 @@
 The main entry point is :func:`load_video`, which accepts
 
 * a video file, decoded with decord (default) or PyAV,
-* a single image file (treated as a one-frame video),
+* an animated GIF (a video, decoded with PyAV; its frame times come from its per-frame delays),
+* a single image file, including a one-frame GIF (treated as a one-frame video),
 * a directory of image frames (treated as a video, frames sorted naturally),
 
 and returns a :class:`VideoClip` holding ``uint8`` RGB frames of shape
 ``[T, H, W, 3]`` together with the source indices and timing metadata.
-Everything runs on the CPU. Any unreadable input raises
-:class:`VideoLoadError` whose message names the path and the cause.
+Frames come out upright: a file's display-matrix rotation (phone videos) is
+applied. Frame times are the frames' presentation times, so they are right for
+variable-frame-rate files too. Everything runs on the CPU. Any unreadable input
+raises :class:`VideoLoadError` whose message names the path and the cause.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from fractions import Fraction
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,13 +58,20 @@ class VideoClip:
     """Frames sampled from one video plus where and when they come from.
 
     Attributes:
-        frames: ``uint8`` array ``[T, H, W, 3]``, RGB.
-        frame_indices: length-``T`` list of indices into the source frames.
-        video_fps: frame rate of the source (frames per second).
+        frames: ``uint8`` array ``[T, H, W, 3]``, RGB, upright.
+        frame_indices: length-``T`` list of indices into the source frames
+            (in presentation order, counted from 0).
+        video_fps: average frame rate of the source (frames per second).
         total_frames: number of frames in the source.
-        duration: length of the source in seconds (``total_frames / video_fps``).
+        duration: length of the source in seconds: from the first frame's
+            presentation time to the end of the last frame when the decoder
+            reports frame times, else ``total_frames / video_fps``.
         backend: what decoded it: ``"decord"``, ``"pyav"``, ``"image"`` or ``"frames-folder"``.
         path: the input path as given.
+        timestamps: presentation time in seconds of each sampled frame,
+            measured from the first frame of the source (length ``T``), or
+            ``None`` when the decoder gave none (then :attr:`frame_times`
+            assumes a constant frame rate).
     """
 
     frames: np.ndarray
@@ -69,10 +81,13 @@ class VideoClip:
     duration: float
     backend: str
     path: str
+    timestamps: list[float] | None = None
 
     @property
     def frame_times(self) -> list[float]:
-        """Timestamp in seconds of each sampled frame (length ``T``)."""
+        """Time in seconds of each sampled frame (length ``T``): :attr:`timestamps`, or ``index / video_fps``."""
+        if self.timestamps is not None:
+            return list(self.timestamps)
         return [index / self.video_fps for index in self.frame_indices]
 
     def info(self) -> str:
@@ -147,7 +162,7 @@ def load_video(
     """Decode a sampled subset of frames from a video, an image, or a frames folder.
 
     Args:
-        path: video file, single image file, or directory of image frames.
+        path: video file, animated GIF, single image file, or directory of image frames.
         max_frames: most frames to return.
         fps: ``None`` samples ``max_frames`` frames uniformly
             (:func:`uniform_frame_indices`); a number samples at that rate,
@@ -156,10 +171,15 @@ def load_video(
             sampling stays uniform.
         backend: ``"auto"`` (decord, falling back to PyAV when decord is not
             installed or fails on this file), ``"decord"`` or ``"pyav"``.
-            Ignored for images and frames folders.
+            Ignored for images and frames folders; animated GIFs always use
+            PyAV (decord cannot read GIFs).
 
     Returns:
-        A :class:`VideoClip` whose ``frames`` are ``uint8`` ``[T, H, W, 3]`` RGB.
+        A :class:`VideoClip` whose ``frames`` are ``uint8`` ``[T, H, W, 3]`` RGB,
+        turned upright by the file's display-matrix rotation (to the nearest
+        quarter turn; decord 0.6 fails on quarter-turned files, so ``"auto"``
+        decodes those with PyAV), and whose ``frame_times`` are the frames'
+        presentation times.
 
     Raises:
         VideoLoadError: the input is missing, empty, undecodable, has no
@@ -183,6 +203,8 @@ def load_video(
     if os.path.getsize(path_str) == 0:
         raise VideoLoadError(path_str, "file is empty (0 bytes)")
     if _is_image(path_str):
+        if _is_animated_gif(path_str):
+            return _load_with_pyav(path_str, max_frames, fps)
         return _load_image(path_str)
 
     if backend == "pyav":
@@ -204,6 +226,19 @@ def load_video(
 
 def _is_image(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _is_animated_gif(path: str) -> bool:
+    """Whether ``path`` is a GIF with more than one frame (unreadable files answer ``False``)."""
+    if os.path.splitext(path)[1].lower() != ".gif":
+        return False
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return bool(getattr(image, "is_animated", False))
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -309,15 +344,152 @@ def _load_with_decord(decord: Any, path: str, max_frames: int, fps: float | None
         frames = batch.numpy()
     else:
         frames = np.asarray(batch)
+    timestamps, duration = _decord_times(reader, indices, total)
     return VideoClip(
         frames=np.ascontiguousarray(frames, dtype=np.uint8),
         frame_indices=indices,
         video_fps=video_fps,
         total_frames=total,
-        duration=total / video_fps,
+        duration=duration if duration is not None else total / video_fps,
         backend="decord",
         path=path,
+        timestamps=timestamps,
     )
+
+
+def _decord_times(reader: Any, indices: list[int], total: int) -> tuple[list[float] | None, float | None]:
+    """The sampled frames' times and the video's duration in seconds, from decord's per-frame presentation times.
+
+    decord reports each frame as ``[start, end]`` seconds (``end`` is ``start`` plus the frame's duration);
+    times are measured from frame 0's start. ``(None, None)`` when decord gives no usable times.
+    """
+    try:
+        spans = np.asarray(reader.get_frame_timestamp(list(indices)), dtype=np.float64).reshape(-1, 2)
+        first = np.asarray(reader.get_frame_timestamp([0]), dtype=np.float64).reshape(-1, 2)[0, 0]
+        last_end = np.asarray(reader.get_frame_timestamp([total - 1]), dtype=np.float64).reshape(-1, 2)[0, 1]
+    except Exception as err:  # older decord builds lack the method or fail on odd files
+        logger.debug("decord gave no frame times (%s); assuming a constant frame rate", err)
+        return None, None
+    if len(spans) != len(indices) or not np.isfinite(spans).all() or not np.isfinite([first, last_end]).all():
+        return None, None
+    # decord stores times as float32; round away the noise below a microsecond
+    times = [round(float(start - first), 6) for start in spans[:, 0]]
+    duration = round(float(last_end - first), 6)
+    return times, duration if duration > 0 else None
+
+
+# --------------------------------------------------------------------------- PyAV
+
+
+class _Decoded(NamedTuple):
+    """One decoded frame: ``uint8`` ``[H, W, 3]`` RGB, upright, and its time in seconds from the first frame
+    (``None`` when the decoder gave the frame no presentation time)."""
+
+    image: np.ndarray
+    time: float | None
+
+
+@dataclass
+class _PacketIndex:
+    """Where each frame of a video stream lies, read from its packets without decoding them.
+
+    Packets are numbered by *position*, their order in the file (decode order); frames by their order of
+    presentation, which is the order sequential decoding outputs them, so frame ``i`` here is the ``i``-th frame
+    that decoding from the start yields. Timestamps are in the stream's ``time_base``.
+    """
+
+    packet_pts: list[int]  # by position
+    packet_dts: list[int | None]  # by position
+    keyframes: list[int]  # positions of keyframe packets, ascending; always starts with 0
+    frame_pts: list[int]  # by frame, ascending
+    frame_position: list[int]  # by frame: the position of its packet
+    time_base: Fraction
+    duration: float  # seconds from frame 0's start to the end of the last frame
+
+    def start_keyframe(self, frame: int) -> int:
+        """Position of the keyframe to start decoding from to get ``frame`` exactly as sequential decoding does.
+
+        That is the last keyframe before the frame's packet whose own presentation time is not after the frame
+        (in an open GOP, the frames shown just before a keyframe are decoded after it but refer to the previous
+        group, so they need the keyframe before); position 0 when there is none.
+        """
+        position = self.frame_position[frame]
+        k = bisect.bisect_right(self.keyframes, position) - 1
+        while k > 0 and self.packet_pts[self.keyframes[k]] > self.frame_pts[frame]:
+            k -= 1
+        return self.keyframes[max(k, 0)]
+
+
+def _pyav_packet_index(container: Any, stream: Any, frame_rate: float | None) -> _PacketIndex | None:
+    """Read every packet of ``stream`` (demuxing only, no decoding) into a :class:`_PacketIndex`.
+
+    ``None`` when the packets cannot be trusted to stand for the decoded frames one to one: a packet without a
+    presentation time, two packets with the same one, or a first packet that is not a keyframe (the decoder
+    may then drop frames at the start). Packets the container marks for discarding (cut by an edit list) are
+    decoded for their references but output no frame, so they are packets here but not frames.
+
+    ``frame_rate`` (frames per second) gives the last frame a length when its packet has none.
+    """
+    pts: list[int] = []
+    dts: list[int | None] = []
+    keyframes: list[int] = []
+    frames: list[tuple[int, int]] = []  # (pts, position)
+    lengths: dict[int, int] = {}  # pts -> packet duration
+    for packet in container.demux(stream):
+        if packet.size == 0 and packet.pts is None and packet.dts is None:
+            continue  # the empty packet PyAV yields at the end to drain the decoder
+        if packet.pts is None or packet.size == 0:
+            return None
+        position = len(pts)
+        pts.append(int(packet.pts))
+        dts.append(None if packet.dts is None else int(packet.dts))
+        if packet.is_keyframe:
+            keyframes.append(position)
+        if not packet.is_discard:
+            frames.append((int(packet.pts), position))
+            lengths[int(packet.pts)] = int(packet.duration or 0)
+    if len(set(pts)) != len(pts):
+        return None
+    if pts and (not keyframes or keyframes[0] != 0):
+        return None
+    frames.sort()
+    time_base = Fraction(stream.time_base) if stream.time_base else None
+    if time_base is None or time_base <= 0:
+        return None
+    duration = 0.0
+    if frames:
+        first, last = frames[0][0], frames[-1][0]
+        if lengths[last] > 0:
+            duration = float((last - first + lengths[last]) * time_base)
+        else:
+            duration = float((last - first) * time_base) + (1.0 / frame_rate if frame_rate else 0.0)
+    return _PacketIndex(
+        packet_pts=pts,
+        packet_dts=dts,
+        keyframes=keyframes,
+        frame_pts=[p for p, _ in frames],
+        frame_position=[position for _, position in frames],
+        time_base=time_base,
+        duration=duration,
+    )
+
+
+def _quarter_turns(frame: Any) -> int:
+    """Counter-clockwise quarter turns that make ``frame`` upright, from its display matrix (0 without one)."""
+    try:
+        angle = float(frame.rotation)  # degrees counter-clockwise, from the frame's DISPLAYMATRIX side data
+    except (AttributeError, TypeError, ValueError):
+        return 0
+    if not np.isfinite(angle):
+        return 0
+    return round(angle / 90) % 4
+
+
+def _upright_rgb(frame: Any) -> np.ndarray:
+    """``uint8`` ``[H, W, 3]`` RGB of a decoded PyAV frame, rotated as its display matrix says."""
+    image = frame.to_ndarray(format="rgb24")
+    turns = _quarter_turns(frame)
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
 def _load_with_pyav(path: str, max_frames: int, fps: float | None) -> VideoClip:
@@ -328,27 +500,42 @@ def _load_with_pyav(path: str, max_frames: int, fps: float | None) -> VideoClip:
             if not container.streams.video:
                 raise VideoLoadError(path, "no decodable video stream")
             stream = container.streams.video[0]
-            video_fps = _valid_fps(stream.average_rate) or _valid_fps(stream.guessed_rate) or _valid_fps(stream.base_rate)
-        if video_fps is None:
-            raise VideoLoadError(path, "video reports no frame rate")
+            video_fps = (
+                _valid_fps(stream.average_rate) or _valid_fps(stream.guessed_rate) or _valid_fps(stream.base_rate)
+            )
+            if video_fps is None:
+                raise VideoLoadError(path, "video reports no frame rate")
+            stream_frames = int(stream.frames or 0)
+            try:
+                index = _pyav_packet_index(container, stream, _valid_fps(stream.base_rate) or video_fps)
+            except av.FFmpegError as err:  # e.g. a damaged tail: decode in order, as far as the frames go
+                logger.debug("cannot index the packets of %s (%s); decoding it sequentially", path, err)
+                index = None
 
-        # Container metadata may omit the frame count (0) or overstate it; in
-        # either case the decoded count is the truth.
-        total = int(stream.frames or 0)
-        if total <= 0:
-            total = _pyav_count_frames(path)
+        if index is not None:
+            total = len(index.frame_pts)
+        else:
+            # Container metadata may omit the frame count (0) or overstate it; in
+            # either case the decoded count is the truth.
+            total = stream_frames if stream_frames > 0 else _pyav_count_frames(path)
         if total <= 0:
             raise VideoLoadError(path, "video has 0 frames")
 
         indices = _select_indices(total, video_fps, max_frames, fps)
-        found, decoded = _pyav_decode_indices(path, indices)
-        if len(found) < len(indices):
-            # The stream ended early, so ``decoded`` is the real frame count.
-            if decoded <= 0:
-                raise VideoLoadError(path, "video has 0 frames")
-            total = decoded
-            indices = _select_indices(total, video_fps, max_frames, fps)
-            found, _ = _pyav_decode_indices(path, indices)
+        sought = _pyav_seek_decode(path, index, indices) if index is not None else None
+        if sought is not None:
+            found = sought[0]
+        else:
+            if index is not None:
+                logger.debug("seeking in %s was unreliable; decoding it sequentially", path)
+            found, decoded = _pyav_decode_indices(path, indices)
+            if len(found) < len(indices):
+                # The stream ended early, so ``decoded`` is the real frame count.
+                if decoded <= 0:
+                    raise VideoLoadError(path, "video has 0 frames")
+                total = decoded
+                indices = _select_indices(total, video_fps, max_frames, fps)
+                found, _ = _pyav_decode_indices(path, indices)
     except VideoLoadError:
         raise
     except av.FFmpegError as err:
@@ -357,14 +544,16 @@ def _load_with_pyav(path: str, max_frames: int, fps: float | None) -> VideoClip:
     except (OSError, ValueError, RuntimeError) as err:
         raise VideoLoadError(path, f"decoder error: {err}") from err
 
+    times = [found[i].time for i in indices]
     return VideoClip(
-        frames=np.stack([found[i] for i in indices]),
+        frames=np.stack([found[i].image for i in indices]),
         frame_indices=indices,
         video_fps=video_fps,
         total_frames=total,
-        duration=total / video_fps,
+        duration=index.duration if index is not None and index.duration > 0 else total / video_fps,
         backend="pyav",
         path=path,
+        timestamps=None if any(t is None for t in times) else times,
     )
 
 
@@ -377,25 +566,129 @@ def _pyav_count_frames(path: str) -> int:
         return sum(1 for _ in container.decode(stream))
 
 
-def _pyav_decode_indices(path: str, indices: list[int]) -> tuple[dict[int, np.ndarray], int]:
-    """Decode sequentially, keeping only ``indices``; stop after the last one.
+def _pyav_decode_indices(path: str, indices: list[int]) -> tuple[dict[int, _Decoded], int]:
+    """Decode sequentially from the start, keeping only ``indices``; stop after the last one.
 
-    Returns the kept frames by index (``uint8`` ``[H, W, 3]`` RGB) and how many
-    frames were decoded in total.
+    The fallback when seeking is impossible or unreliable, and the definition of which frame an index names.
+    Returns the kept frames by index and how many frames were decoded in total.
     """
     import av
 
     wanted = set(indices)
     last = max(indices)
-    found: dict[int, np.ndarray] = {}
+    found: dict[int, _Decoded] = {}
     decoded = 0
+    first_pts: int | None = None
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        time_base = stream.time_base
         for index, frame in enumerate(container.decode(stream)):
             decoded = index + 1
+            if index == 0:
+                first_pts = frame.pts
             if index in wanted:
-                found[index] = frame.to_ndarray(format="rgb24")
+                time = None
+                if frame.pts is not None and first_pts is not None and time_base:
+                    time = float((frame.pts - first_pts) * time_base)
+                found[index] = _Decoded(_upright_rgb(frame), time)
             if index >= last:
                 break
     return found, decoded
+
+
+def _pyav_seek_decode(path: str, index: _PacketIndex, indices: list[int]) -> tuple[dict[int, _Decoded], int] | None:
+    """Decode the frames ``indices`` by seeking: for each, jump to the keyframe it needs
+    (:meth:`_PacketIndex.start_keyframe`) unless the decoder is already past it, then decode forward to it.
+
+    The decoder is fed exactly the packets that sequential decoding would feed it from that keyframe on, so the
+    frames are the ones :func:`_pyav_decode_indices` returns, pixel for pixel. Returns the kept frames by index
+    and how many packets were decoded, or ``None`` when the container cannot land on the keyframe or the
+    decoder's output does not match the index (the caller then decodes sequentially).
+    """
+    import av
+
+    frame_of_pts = {pts: number for number, pts in enumerate(index.frame_pts)}
+    position_of_pts = {pts: position for position, pts in enumerate(index.packet_pts)}
+    wanted = set(indices)
+    found: dict[int, _Decoded] = {}
+    decoded = 0
+    first_pts = index.frame_pts[0]
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        time_base = stream.time_base
+        packets: Any = container.demux(stream)
+        position = -1  # position of the last packet sent to the decoder
+        run_start = 0  # position of the keyframe the decoder started from
+        for target in sorted(wanted):
+            if target in found:
+                continue
+            key = index.start_keyframe(target)
+            if position + 1 < key or key < run_start:
+                packets = _seek_to_keyframe(container, stream, index, key, position_of_pts)
+                if packets is None:
+                    return None
+                position, run_start = key - 1, key
+            # Frames shown before the keyframe a run started from (an open GOP's leading frames) may be
+            # broken: their references were never decoded.
+            earliest = index.packet_pts[run_start] if run_start > 0 else None
+            while target not in found:
+                packet = next(packets, None)
+                if packet is None:
+                    return None  # the stream ended before the target came out
+                if not (packet.size == 0 and packet.pts is None):  # else: the final, draining packet
+                    if position_of_pts.get(packet.pts) != position + 1:
+                        return None  # not the packet sequential decoding would feed next
+                    position += 1
+                    decoded += 1
+                for frame in stream.decode(packet):
+                    number = frame_of_pts.get(frame.pts)
+                    if number is None:
+                        return None  # a frame the index does not know
+                    if number in wanted and number not in found and (earliest is None or frame.pts >= earliest):
+                        time = float((frame.pts - first_pts) * time_base)
+                        found[number] = _Decoded(_upright_rgb(frame), time)
+    return found, decoded
+
+
+def _seek_to_keyframe(
+    container: Any, stream: Any, index: _PacketIndex, key: int, position_of_pts: dict[int, int]
+) -> Any:
+    """Seek so that demuxing resumes at the keyframe packet at position ``key``.
+
+    Demuxers differ in which timestamp they seek by (MP4 and Matroska land on the keyframe given its
+    presentation time, MPEG-TS by its decode time, and only roughly), so this asks for the presentation time,
+    then the decode time, skips (without decoding) packets before the keyframe and gives up if it lands after
+    it. Returns an iterator of packets starting with the keyframe's, or ``None``.
+    """
+    import av
+
+    timestamps = [index.packet_pts[key]]
+    dts = index.packet_dts[key]
+    if dts is not None and dts < timestamps[0]:
+        timestamps.append(dts)
+    for timestamp in timestamps:
+        try:
+            _seek(container, stream, timestamp)
+        except av.FFmpegError:
+            return None
+        packets = container.demux(stream)
+        for packet in packets:
+            position = position_of_pts.get(packet.pts) if packet.pts is not None else None
+            if position is None or position > key:
+                break  # landed after the keyframe (or somewhere unknown): try an earlier timestamp
+            if position == key:
+                return _prepend(packet, packets)
+    return None
+
+
+def _seek(container: Any, stream: Any, timestamp: int) -> None:
+    """Seek ``container`` to the keyframe at or before ``timestamp`` (``stream.time_base`` units); flushes the
+    decoder."""
+    container.seek(timestamp, stream=stream, backward=True, any_frame=False)
+
+
+def _prepend(first: Any, rest: Any) -> Any:
+    yield first
+    yield from rest

@@ -39,13 +39,18 @@ launch_train() {
         -m llava.train.train "${paths[@]}" "${recipe[@]}" "${device_args[@]}" "$@"
 }
 
-# The recipe of REFERENCE.md ("Training recipe"): stage 1 trains the projector and the cross-attention
-# parameters from Qwen2-7B-Instruct + the CLIP ConvNeXt-XXL, stage 2 trains everything.
+# The reference's recipes (its scripts/pretrain and scripts/finetune at commit 69676a1): stage 1 trains the
+# projector and the cross-attention parameters from Qwen2-7B-Instruct + the CLIP ConvNeXt-XXL, stage 2 trains
+# everything. The per-recipe settings (frames, fast-token strides, and stage 2's max length: 4096 at 64 frames,
+# 3072 at 96 and 128) are in the recipe scripts. Stage 1 leaves images unpadded ('square'): the reference's
+# pretrain scripts do not pass --image_aspect_ratio, whose default there is 'square'; its SFT scripts pass 'pad'.
+# The loss is averaged per micro-batch (--loss_reduction micro_batch, the trainer's default), as under the
+# reference's transformers 4.45.
 PRETRAIN_ARGS=(
     --deepspeed "$SCRIPTS_DIR/zero2.json" --version qwen_1_5
     --vision_tower convnext-576 --vision_tower_pretrained convnext_xxlarge.clip_laion2b_soup
     --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2
-    --mm_use_im_start_end False --mm_use_im_patch_token False --image_aspect_ratio pad
+    --mm_use_im_start_end False --mm_use_im_patch_token False --image_aspect_ratio square
     --tune_mm_mlp_adapter True --initialize_cross_attn_kv_from_lm True
     --cross_attn_every_n_layers 8 --cross_attn_implementation text-only-vanilla-flashattn
     --cross_attn_gating_type whole-dynamic-tanh-warmup --mm_video_pooling_stride 2
@@ -53,15 +58,17 @@ PRETRAIN_ARGS=(
     --learning_rate 1e-3 --mm_projector_lr 1e-3 --cross_attention_layer_lr 2e-4
     --per_device_train_batch_size 2 --gradient_accumulation_steps 2 --model_max_length 3072
     --num_train_epochs 1 --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0
-    --gradient_checkpointing True --save_strategy steps --save_steps 1000 --save_total_limit 2
-    --logging_steps 1 --dataloader_num_workers 4 --lazy_preprocess True --report_to none
+    --gradient_checkpointing True --save_strategy steps --save_steps 1000 --save_total_limit 1
+    --logging_steps 1 --dataloader_num_workers 8 --lazy_preprocess True --report_to none
 )
+# Stage 2 keeps the architecture of stage 1's checkpoint; the slow/fast options the recipes repeat (as the
+# reference's do) are set over its config.
 FINETUNE_ARGS=(
     --deepspeed "$SCRIPTS_DIR/zero3.json" --version qwen_1_5 --image_aspect_ratio pad
-    --fps 4 --min_fast_frames 16
+    --fps 4 --min_fast_frames 16 --mm_video_pooling_stride 2 --fast_token_spatial_stride 1
     --learning_rate 2e-5 --per_device_train_batch_size 1 --gradient_accumulation_steps 2
-    --model_max_length 4096 --group_by_modality_length True
+    --group_by_modality_length True
     --num_train_epochs 1 --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0
-    --gradient_checkpointing True --save_strategy steps --save_steps 1000 --save_total_limit 2
-    --logging_steps 1 --dataloader_num_workers 4 --lazy_preprocess True --report_to none
+    --gradient_checkpointing True --save_strategy steps --save_steps 500 --save_total_limit 1
+    --logging_steps 1 --dataloader_num_workers 12 --lazy_preprocess True --report_to none
 )

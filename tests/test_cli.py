@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,44 @@ def test_bad_input_in_a_real_process_prints_only_the_error_line(checkpoint, corr
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and str(corrupt_video) in result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+@pytest.fixture(scope="session")
+def reference_frames_checkpoint(checkpoint, tmp_path_factory) -> str:
+    """The tiny checkpoint with its frame count only under the reference trainer's name: 96."""
+    folder = tmp_path_factory.mktemp("mm_training_video_frames") / "tiny"
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("video_frames", None)
+    config["mm_training_video_frames"] = 96
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.fixture
+def load_video_spy(monkeypatch) -> list[int]:
+    """The ``max_frames`` of every video the CLI decodes."""
+    asked: list[int] = []
+
+    def spy(path, max_frames=64, **kwargs):
+        asked.append(max_frames)
+        return load_video(path, max_frames, **kwargs)
+
+    monkeypatch.setattr(cli, "load_video", spy)
+    return asked
+
+
+def test_frames_default_to_mm_training_video_frames_when_the_config_has_no_video_frames(
+    reference_frames_checkpoint, capsys, load_video_spy
+):
+    assert cli.main(cli_args(reference_frames_checkpoint, "--question", "What moves?")) == 0
+    assert load_video_spy == [96]
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_frame_count_other_than_the_trained_one_is_warned_once(checkpoint, capsys, monkeypatch, load_video_spy):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is red?\nWhere does it go?\n"))
+    assert cli.main(cli_args(checkpoint, "--interactive", "--max-frames", "4")) == 0
+    assert load_video_spy == [4]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "trained with 8 frames per video but 4" in warnings[0]

@@ -32,6 +32,8 @@ def test_released_defaults():
         ("cross_attn_decode_mode", "never"),
         ("mm_vision_chunk_frames", 0),
         ("tokenizer_padding_side", "middle"),
+        ("mm_training_video_frames", 0),
+        ("tokenizer_model_max_length", 0),
     ],
 )
 def test_bad_field_is_refused_with_its_name(field, value):
@@ -83,3 +85,14 @@ def test_released_shape_builds_on_meta_device_with_8_5b_parameters():
     assert [i for i, layer in enumerate(model.model.layers) if hasattr(layer.self_attn, "cross_attn_kv_proj")] == [0, 8, 16, 24]
     assert model.model.layers[0].self_attn.cross_attn_kv_proj.weight.shape == (2 * 4 * 128, 3584)
     assert model.get_vision_tower().num_patches_per_side == 18 and config.mm_hidden_size == 3072
+
+
+def test_trained_frame_count_reads_the_reference_trainers_field_after_ours(fixture_dir, tmp_path):
+    config = json.loads((fixture_dir / "checkpoint" / "config.json").read_text())
+    config["mm_training_video_frames"] = 96  # what the reference's trainer writes; the fixture has no video_frames
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoConfig.from_pretrained(str(tmp_path))
+    assert loaded.trained_video_frames == 96
+    loaded.video_frames = 64
+    assert loaded.trained_video_frames == 64
+    assert tiny_config().trained_video_frames is None

@@ -158,3 +158,37 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
                  "model.layers.2.self_attn.cross_attn_warm_up_gate"):
         assert grads_a[name].abs().sum() > 0, name
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_generate_cuts_prompt_text_beyond_tokenizer_model_max_length_with_a_warning(caplog):
+    model = tiny_model()
+    ids, video = prompt_ids(4, 10), random_video(8)  # 4 + 8 fast + 10 = 22 positions
+    expected = model.generate(ids[:, :-4], images=[video], max_new_tokens=5, do_sample=False)
+    model.config.tokenizer_model_max_length = 18
+    with caplog.at_level("WARNING", logger="llava.model.modeling_llava_qwen_slow_fast"):
+        cut = model.generate(ids, images=[video], max_new_tokens=5, do_sample=False)
+    assert cut.tolist() == expected.tolist()
+    (warning,) = [r.getMessage() for r in caplog.records if "tokenizer_model_max_length" in r.getMessage()]
+    assert "tokenizer_model_max_length=18" in warning and "cut 4 text token(s)" in warning
+
+
+def test_prompt_truncation_cuts_each_sample_to_the_limit_and_counts_the_cut():
+    model = tiny_model()
+    long, short = prompt_ids(4, 10, seed=1), prompt_ids(2, 3, seed=2)
+    ids = torch.zeros(2, long.shape[1], dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[0], mask[0] = long[0], 1
+    ids[1, : short.shape[1]], mask[1, : short.shape[1]] = short[0], 1
+    mm = model.prepare_multimodal_inputs(ids, mask, images=[random_video(8), random_video(8)], max_length=18)
+    assert mm.truncated_tokens == [4, 0]
+    assert mm.attention_mask.sum(1).tolist() == [18, 2 + 8 + 3]
+
+
+def test_prompt_truncation_never_cuts_into_the_visual_tokens():
+    model = tiny_model()
+    ids, video = prompt_ids(4, 10), random_video(8)
+    model.config.tokenizer_model_max_length = 12  # the text before the video and its 8 fast tokens: still fits
+    model.generate(ids, images=[video], max_new_tokens=1, do_sample=False)
+    model.config.tokenizer_model_max_length = 11
+    with pytest.raises(ValueError, match="tokenizer_model_max_length is 11.*fewer frames"):
+        model.generate(ids, images=[video], max_new_tokens=1, do_sample=False)

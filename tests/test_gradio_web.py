@@ -11,6 +11,8 @@ trained checkpoint); otherwise it goes to the test's temporary folder.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import signal
@@ -285,6 +287,38 @@ def test_leaving_mid_answer_stops_generation_and_drops_the_question(shared, monk
     stream.close()
     assert len(steps) < 400  # stopped early (at the next streamed piece)
     assert session.turns == 0 and session.conversation.messages == []
+
+
+def frames_slider(demo) -> object:
+    (slider,) = [block for block in demo.blocks.values() if isinstance(block, gr.Slider) and block.label == "Frames"]
+    return slider
+
+
+def test_page_starts_at_mm_training_video_frames_when_the_config_has_no_video_frames(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("video_frames", None)
+    config["mm_training_video_frames"] = 96
+    (folder / "config.json").write_text(json.dumps(config))
+    shared, _ = load_shared(str(folder))
+    slider = frames_slider(web.build_demo(shared))
+    assert slider.value == 96 and "trained with 96" in slider.info
+
+
+def test_an_untrained_frame_count_is_shown_on_the_page_and_logged_once(shared, caplog):
+    handlers = web._Handlers(shared, web.WebOptions())
+    user = web._user_factory(shared)()
+    with caplog.at_level(logging.WARNING, logger=web.logger.name):
+        for _ in range(2):
+            _, _, decoded_status, *_ = handlers.decode(user, str(DEMO_VIDEO), 4)
+            _, encoded_status, *_ = handlers.encode(user)
+            for status in (decoded_status, encoded_status):
+                assert "**Warning**: this checkpoint was trained with 8 frames per video but 4" in status
+        _, _, trained_status, *_ = handlers.decode(user, str(DEMO_VIDEO), 8)
+    assert "Warning" not in trained_status
+    logged = [record for record in caplog.records if "trained with 8 frames" in record.getMessage()]
+    assert len(logged) == 1
 
 
 # --------------------------------------------------------------------------------------------------- browser

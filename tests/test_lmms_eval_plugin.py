@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from loguru import logger  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from llava.eval.lmms_eval_model import RequestSettings, SlowFastVideoMLLM  # noqa: E402
+from llava.eval.lmms_eval_model import RequestSettings, SlowFastVideoMLLM, resolve_protocol  # noqa: E402
 from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
 from playground.synthetic_data import write_video  # noqa: E402
 
@@ -251,6 +252,171 @@ def test_loglikelihood_does_not_depend_on_batch_size(lmm, videos):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-4) and ga == gb
 
 
+# ------------------------------------------------------------------------------------------ frames and protocols
+def reference_wrapper_indices(video: str, num_frames: int, target_fps: float = 2) -> list[int]:
+    """The frames the reference's lmms-eval wrapper reads from ``video`` with its defaults (PyAV, 2 fps),
+    restated from its formula: the container's frame count and average rate (a Fraction), every
+    ``max(round(rate / target_fps), 1)``-th frame from 0, then, when that gives at least ``num_frames``, the
+    ``round((i + 1) * scale - 1)``-th of them with ``scale = 1.0 * len / num_frames``."""
+    import av
+
+    with av.open(video) as container:
+        stream = container.streams.video[0]
+        total, rate = stream.frames, stream.average_rate
+    every = [i for i in range(0, total, max(round(rate / target_fps), 1))]
+    if len(every) < num_frames:
+        return every
+    scale = 1.0 * len(every) / num_frames
+    return [every[round((i + 1) * scale - 1)] for i in range(num_frames)]
+
+
+def decoded_frames(video: str) -> np.ndarray:
+    import av
+
+    with av.open(video) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def reference_frames_checkpoint(tiny_checkpoint, tmp_path_factory) -> str:
+    """The tiny checkpoint with its frame count only under the reference trainer's name: 96."""
+    folder = tmp_path_factory.mktemp("mm_training_video_frames") / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("video_frames", None)
+    config["mm_training_video_frames"] = 96
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def reference_lmm(tiny_checkpoint) -> SlowFastVideoMLLM:
+    # float32 and short answers keep it quick on a CPU; everything else is the preset
+    return SlowFastVideoMLLM(pretrained=tiny_checkpoint, protocol="reference", num_frames=96, device="cpu",
+                             dtype="float32", max_new_tokens=2)  # fmt: skip
+
+
+def warnings_of(build) -> list[str]:
+    messages = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        build()
+    finally:
+        logger.remove(sink)
+    return messages
+
+
+def test_frames_default_to_mm_training_video_frames_when_the_config_has_no_video_frames(reference_frames_checkpoint):
+    built = []
+    messages = warnings_of(lambda: built.append(
+        SlowFastVideoMLLM(pretrained=reference_frames_checkpoint, device="cpu", video_decode_backend="pyav")
+    ))  # fmt: skip
+    assert built[0].num_frames == 96
+    assert not [m for m in messages if "frames per video" in m]
+
+
+def test_a_frame_count_other_than_the_trained_one_is_warned_once(tiny_checkpoint, videos):
+    holder = []
+    messages = warnings_of(lambda: holder.append(
+        SlowFastVideoMLLM(pretrained=tiny_checkpoint, num_frames=6, device="cpu", video_decode_backend="pyav")
+    ))  # fmt: skip
+    lmm = holder[0]
+    attach_docs(lmm, [{"visual": [videos["a"]]}, {"visual": [videos["b"]]}])
+    messages += warnings_of(lambda: lmm.generate_until([generate_request(d, "Q?", {"max_new_tokens": 2}) for d in (0, 1)]))
+    frames = [m for m in messages if "frames per video" in m]
+    assert len(frames) == 1 and "trained with 8 frames per video but 6" in frames[0]
+
+
+def test_reference_protocol_takes_the_reference_wrappers_settings_unless_given(tiny_checkpoint):
+    assert resolve_protocol("reference") == {
+        "video_decode_backend": "pyav", "fps": 2.0, "dtype": "float16", "image_aspect_ratio": "crop",
+        "cross_attn_decode_mode": "reference", "generation": "reference",
+    }  # fmt: skip
+    lmm = SlowFastVideoMLLM.create_from_arg_string(f"pretrained={tiny_checkpoint},protocol=reference,device=cpu")
+    assert (lmm.model.dtype, lmm.fps, lmm.video_decode_backend) == (torch.float16, 2.0, "pyav")
+    assert (lmm.image_aspect_ratio, lmm.generation, lmm.default_max_new_tokens) == ("crop", "reference", 256)
+    assert lmm.model.config.cross_attn_decode_mode == "reference"
+    given = SlowFastVideoMLLM.create_from_arg_string(
+        f"pretrained={tiny_checkpoint},protocol=reference,device=cpu,dtype=float32,fps=none,video_decode_backend=decord,"
+        "cross_attn_decode_mode=attend,image_aspect_ratio=pad,generation=task,max_new_tokens=7"
+    )
+    assert (given.model.dtype, given.fps, given.video_decode_backend) == (torch.float32, None, "decord")
+    assert (given.image_aspect_ratio, given.generation, given.default_max_new_tokens) == ("pad", "task", 7)
+    assert given.model.config.cross_attn_decode_mode == "attend"
+    with pytest.raises(ValueError, match="protocol"):
+        SlowFastVideoMLLM.create_from_arg_string(f"pretrained={tiny_checkpoint},protocol=paper,device=cpu")
+
+
+@pytest.mark.parametrize(
+    "video_fps, frames",
+    [(4, 208), (8, 12), (25, 130)],
+    ids=["104 candidates for 96 frames (a rounding tie)", "a clip shorter than 48 s: fewer frames", "25 fps: step 12"],
+)
+def test_reference_protocol_reproduces_the_reference_wrappers_frame_indices(
+    reference_lmm, tmp_path, monkeypatch, video_fps, frames
+):
+    video = str(tmp_path / "clip.mp4")
+    pixels = np.random.default_rng(frames).integers(0, 256, (frames, 16, 16, 3), dtype=np.uint8)
+    write_video(pixels, video, fps=video_fps)
+    expected = reference_wrapper_indices(video, 96)
+    seen = []
+    preprocess = reference_lmm.image_processor.preprocess
+    monkeypatch.setattr(reference_lmm.image_processor, "preprocess",
+                        lambda images, **kw: seen.append(images) or preprocess(images, **kw))  # fmt: skip
+    attach_docs(reference_lmm, [{"visual": [video]}])
+    record = reference_lmm.generate_until([generate_request(0, "Q?")])[0].token_counts.to_dict()["visuals"][0]
+    assert record["frame_indices"] == expected and record["num_frames"] == len(expected)
+    assert record["frame_times_s"] == [round(i / video_fps, 3) for i in expected]
+    assert record["sampling"].startswith("reference") and record["backend"] == "pyav"
+    np.testing.assert_array_equal(seen[0], decoded_frames(video)[expected])
+
+
+def test_reference_generation_ignores_the_tasks_generation_kwargs(tiny_checkpoint, videos, monkeypatch):
+    lmm = SlowFastVideoMLLM(pretrained=tiny_checkpoint, protocol="reference", max_new_tokens=6, device="cpu",
+                            dtype="float32")  # fmt: skip
+    attach_docs(lmm, [{"visual": [videos["a"]]}])
+    calls, outputs = [], []
+    real_generate = lmm.model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        outputs.append(real_generate(*args, **kwargs))
+        return outputs[-1]
+
+    monkeypatch.setattr(lmm.model, "generate", spy)
+    task_asks = {"max_new_tokens": 2, "temperature": 0.9, "top_p": 0.5, "num_beams": 2, "until": ["a", "e", "o", " "]}
+    answer = lmm.generate_until([generate_request(0, "Describe it.", task_asks)])[0].text
+    assert (calls[0]["max_new_tokens"], calls[0]["do_sample"], calls[0]["num_beams"]) == (6, False, 1)
+    assert "stopping_criteria" not in calls[0]  # the task's stop strings neither stop nor cut the answer
+    tokens = outputs[0][0].tolist()
+    eos = [i for i, t in enumerate(tokens) if t in calls[0]["eos_token_id"]]
+    assert answer == lmm.tokenizer.decode(tokens[: eos[0] + 1 if eos else None], skip_special_tokens=True).strip()
+
+
+def test_reference_protocol_centre_crops_single_images(reference_lmm, monkeypatch):
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    attach_docs(reference_lmm, [{"visual": [image]}])
+    encoded = []
+    real_encode = reference_lmm.model.encode_images
+    monkeypatch.setattr(reference_lmm.model, "encode_images",
+                        lambda images: encoded.append(images) or real_encode(images))  # fmt: skip
+    result = reference_lmm.generate_until([generate_request(0, "What color?", {"max_new_tokens": 2})])[0]
+    cropped = reference_lmm.image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(encoded[0][0], cropped)
+    assert result.token_counts.to_dict()["visuals"] == [{"image": [80, 48], "preprocess": "crop"}]
+
+
+def test_log_record_counts_the_prompt_tokens_cut_at_tokenizer_model_max_length(lmm, videos, monkeypatch):
+    attach_docs(lmm, [{"visual": [videos["a"]]}])
+    request = generate_request(0, "Which way does the square move, and how fast is it going?", {"max_new_tokens": 2})
+    whole = lmm.generate_until([request])[0].token_counts
+    assert whole.truncated_tokens == 0
+    monkeypatch.setattr(lmm.model.config, "tokenizer_model_max_length", whole.input_tokens - 3)
+    cut = lmm.generate_until([request])[0].token_counts
+    assert (cut.truncated_tokens, cut.input_tokens) == (3, whole.input_tokens - 3)
+    assert cut.to_dict()["truncated_tokens"] == 3
+
+
 # ------------------------------------------------------------------------------------------ real runs
 EVAL_SCRIPTS = {
     "videomme": "videomme", "videomme_w_subtitle": "videomme_w_subtitle", "mlvu": "mlvu_dev",
@@ -329,3 +495,24 @@ def test_lmms_eval_runs_the_local_task_in_one_and_two_processes(tiny_checkpoint,
     assert double["n-samples"] == single["n-samples"]
     assert double["results"]["synthetic_video_qa"]["accuracy,none"] == accuracy
     assert double["results"]["synthetic_video_qa_mc"]["acc,none"] == pytest.approx(mc_accuracy)
+
+
+def test_script_runs_the_reference_protocol_and_logs_each_videos_frames(tiny_checkpoint, tmp_path):
+    from playground.lmms_eval_tasks.synthetic_video_qa.prepare import prepare
+
+    prepare()
+    # fp32 and short answers only keep the run quick on a CPU
+    env = dict(CKPT=tiny_checkpoint, NUM_PROCESSES="1", PROTOCOL="reference",
+               EXTRA_MODEL_ARGS="dtype=float32,max_new_tokens=4", OUTPUT_DIR=str(tmp_path / "out"),
+               PYTHON=sys.executable)  # fmt: skip
+    command = ["bash", "scripts/eval/run_lmms_eval.sh", "synthetic_video_qa", "--include_path",
+               "playground/lmms_eval_tasks", "--limit", "3"]  # fmt: skip
+    _run(command, tmp_path, **env)
+    (samples_file,) = glob.glob(str(tmp_path / "out" / "*" / "*_samples_synthetic_video_qa.jsonl"))
+    samples = [json.loads(line) for line in Path(samples_file).read_text().splitlines()]
+    assert len(samples) == 3
+    for sample in samples:
+        (record,) = sample["token_counts"][0]["visuals"]
+        assert record["sampling"] == "reference, 2 fps" and record["backend"] == "pyav"
+        assert record["frame_indices"] == reference_wrapper_indices(record["path"], 8)
+        assert len(record["frame_times_s"]) == record["num_frames"] == len(record["frame_indices"])

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +16,8 @@ import torch
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.tiny import TinySpec, write_tiny_checkpoint, write_tower_file
 from llava.train.arguments import ModelArguments, TrainingArguments
-from llava.train.data import DataArguments
-from llava.train.train import build_model, last_checkpoint, set_trainable, train
+from llava.train.data import DataArguments, DataCollatorForSupervisedDataset
+from llava.train.train import build_config, build_model, last_checkpoint, set_trainable, train
 from llava.train.trainer import SlowFastTrainer, parameter_group_of
 
 from conftest import prompt_ids, random_video, tiny_model
@@ -27,6 +31,15 @@ def base_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("base")
     write_tiny_checkpoint(str(path), TinySpec(), base=True)
     write_tower_file(str(path / "tower.safetensors"), SPEC)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tmp_path_factory) -> Path:
+    """A Slow-Fast checkpoint standing for stage 1's output: fast tokens pooled 4x in time, min_fast_frames 1,
+    8 frames, length 4096, images padded."""
+    path = tmp_path_factory.mktemp("stage1")
+    write_tiny_checkpoint(str(path), TinySpec())
     return path
 
 
@@ -219,3 +232,150 @@ def test_lora_run_saves_a_merged_checkpoint(base_dir, data_dir, tmp_path):
     names = [n for n, _ in model.named_parameters()]
     assert not any("lora_" in n for n in names)
     assert "model.layers.0.self_attn.cross_attn_kv_proj.weight" in names
+
+
+def test_stage2_applies_the_command_lines_slow_fast_options_and_logs_the_changes(stage1_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="llava.train")
+    model_args = ModelArguments(
+        model_name_or_path=str(stage1_dir), fast_token_spatial_stride=2, fast_token_temporal_stride=2,
+        fast_token_temporal_sampling_stride=2, mm_video_pooling_stride=1, min_fast_frames=3,
+    )
+    data_args = DataArguments(data_path="x", image_aspect_ratio="square", video_frames=12)
+    model = build_model(model_args, data_args, TrainingArguments(output_dir=str(tmp_path), model_max_length=1024))
+    config = model.config
+    assert (config.fast_token_spatial_stride, config.fast_token_temporal_stride) == (2, 2)
+    assert (config.fast_token_temporal_sampling_stride, config.mm_video_pooling_stride, config.min_fast_frames) == (2, 1, 3)
+    assert (config.image_aspect_ratio, config.tokenizer_model_max_length) == ("square", 1024)
+    # the model pools with them, not only its config
+    params = model.slow_fast_params
+    assert (params.spatial_stride, params.temporal_stride, params.temporal_sampling_stride) == (2, 2, 2)
+    assert (params.video_pooling_stride, params.min_fast_frames) == (1, 3)
+    log = " ".join(r.getMessage() for r in caplog.records if r.name == "llava.train")
+    for change in ("fast_token_temporal_stride 4 -> 2", "fast_token_spatial_stride 1 -> 2",
+                   "fast_token_temporal_sampling_stride 1 -> 2", "mm_video_pooling_stride 2 -> 1",
+                   "min_fast_frames 1 -> 3", "image_aspect_ratio 'pad' -> 'square'",
+                   "tokenizer_model_max_length 4096 -> 1024"):
+        assert change in log, change
+    # options the command line leaves out keep the checkpoint's values
+    kept, _ = build_config(
+        ModelArguments(model_name_or_path=str(stage1_dir)), DataArguments(data_path="x"),
+        TrainingArguments(output_dir=str(tmp_path)),
+    )
+    assert (kept.fast_token_temporal_stride, kept.min_fast_frames, kept.mm_video_pooling_stride) == (4, 1, 2)
+
+
+def test_saved_config_records_the_trained_frame_count_under_the_references_name(base_dir, stage1_dir, tmp_path):
+    stage1, _ = build_config(stage1_args(base_dir), DataArguments(data_path="x", video_frames=12),
+                             TrainingArguments(output_dir=str(tmp_path)))
+    assert stage1.mm_training_video_frames == stage1.video_frames == 12
+    model = build_model(ModelArguments(model_name_or_path=str(stage1_dir)), DataArguments(data_path="x", video_frames=16),
+                        TrainingArguments(output_dir=str(tmp_path)))
+    model.config.save_pretrained(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["mm_training_video_frames"] == saved["video_frames"] == 16
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def _text_sample(length: int, supervised: int, seed: int) -> dict:
+    ids = torch.randint(1, 300, (length,), generator=torch.Generator().manual_seed(seed))
+    labels = torch.full_like(ids, -100)
+    labels[-supervised:] = ids[-supervised:]
+    return {"input_ids": ids, "labels": labels, "pixel_values": None}
+
+
+def _expected_gradients(model, samples: list[dict], reduction: str) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients of one optimiser step over ``samples`` (one micro-batch each), computed by hand."""
+    model = copy.deepcopy(model).train()
+    losses, counts = [], []
+    for sample in samples:
+        losses.append(model(input_ids=sample["input_ids"][None], labels=sample["labels"][None]).loss)
+        counts.append(int((sample["labels"][1:] != -100).sum()))  # the first label is never predicted
+    if reduction == "micro_batch":
+        loss = sum(losses) / len(losses)
+    else:
+        loss = sum(l * n for l, n in zip(losses, counts)) / sum(counts)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reduction", ["micro_batch", "token"])
+def test_loss_reduction_over_accumulated_micro_batches(reduction, tmp_path):
+    # two micro-batches of one sample each, with 3 and 31 supervised tokens, accumulated into one step
+    samples = [_text_sample(12, 3, seed=1), _text_sample(40, 31, seed=2)]
+    model = tiny_model()
+    expected_loss, expected = _expected_gradients(model, samples, reduction)
+    _, other = _expected_gradients(model, samples, "token" if reduction == "micro_batch" else "micro_batch")
+    assert (expected["lm_head.weight"] - other["lm_head.weight"]).abs().max() > 1e-3  # the two really differ
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # plain SGD at learning rate 1, no clipping: each parameter moves by exactly minus its gradient
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
+        per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=1, optim="sgd",
+        learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+        dataloader_num_workers=0, loss_reduction=reduction,
+    )
+    collator = DataCollatorForSupervisedDataset(tokenizer=SimpleNamespace(pad_token_id=0))
+    trainer = SlowFastTrainer(model=model, args=args, train_dataset=_Items(samples), data_collator=collator)
+    trainer.train()
+
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    for name, param in model.named_parameters():
+        step = before[name] - param.detach()
+        torch.testing.assert_close(step, expected.get(name, torch.zeros_like(step)), rtol=1e-4, atol=1e-6, msg=name)
+
+
+# The reference's recipe scripts (commit 69676a1): frames, fast-token strides and max length differ per recipe.
+_REFERENCE_STAGE1 = {"--learning_rate": "1e-3", "--cross_attention_layer_lr": "2e-4", "--per_device_train_batch_size": "2",
+                     "--gradient_accumulation_steps": "2", "--model_max_length": "3072", "--tune_mm_mlp_adapter": "True",
+                     "--image_aspect_ratio": "square", "--fps": "4", "--min_fast_frames": "16"}
+_REFERENCE_STAGE2 = {"--learning_rate": "2e-5", "--per_device_train_batch_size": "1", "--gradient_accumulation_steps": "2",
+                     "--group_by_modality_length": "True", "--image_aspect_ratio": "pad", "--fps": "4",
+                     "--min_fast_frames": "16"}
+_RECIPES = [
+    ("pretrain/pretrain_frame64-s1t4.sh", _REFERENCE_STAGE1, "zero2.json", 64, 1, 4, None),
+    ("pretrain/pretrain_frame96-s1t6.sh", _REFERENCE_STAGE1, "zero2.json", 96, 1, 6, None),
+    ("pretrain/pretrain_frame128-s2t4.sh", _REFERENCE_STAGE1, "zero2.json", 128, 2, 4, None),
+    ("finetune/finetune_frame64-s1t4.sh", _REFERENCE_STAGE2, "zero3.json", 64, 1, 4, "4096"),
+    ("finetune/finetune_frame96-s1t6.sh", _REFERENCE_STAGE2, "zero3.json", 96, 1, 6, "3072"),
+    ("finetune/finetune_frame128-s2t4.sh", _REFERENCE_STAGE2, "zero3.json", 128, 2, 4, "3072"),
+]
+
+
+@pytest.mark.parametrize("script, common, deepspeed, frames, sampling, temporal, max_length", _RECIPES)
+def test_recipe_passes_the_references_settings(script, common, deepspeed, frames, sampling, temporal, max_length, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    # a stand-in interpreter: no CUDA, and it prints the trainer's command line instead of running it
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\n[[ "$1" == "-c" ]] && exit 1\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), DATA_PATH="data.json", VIDEO_DIR="videos")
+    result = subprocess.run(
+        ["bash", str(repo / "scripts" / script)], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    argv = result.stdout.splitlines()
+    argv = argv[argv.index("llava.train.train") + 1 :]
+    assert all(flag.startswith("--") for flag in argv[::2]), argv
+    given = {}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        given[flag] = value  # the last occurrence wins, as in argparse
+    expected = dict(common, **{
+        "--video_frames": str(frames), "--fast_token_temporal_sampling_stride": str(sampling),
+        "--fast_token_temporal_stride": str(temporal), "--fast_token_spatial_stride": "1", "--mm_video_pooling_stride": "2",
+    })
+    if max_length:
+        expected["--model_max_length"] = max_length
+    assert {flag: given.get(flag) for flag in expected} == expected
+    assert given["--deepspeed"].endswith(deepspeed)
+    assert given["--image_folder"] == "videos"

@@ -161,6 +161,16 @@ def test_load_annotations_resolves_relative_paths_against_folders(tmp_path):
     assert [s.get("video") or s.get("image") for s in loaded] == ["/videos/v/a.mp4", "/images/b.png", "/abs/c.mp4"]
 
 
+def test_relative_videos_resolve_against_image_folder_without_video_folder(tmp_path, tokenizer, processor, model_config):
+    # the reference's command lines give only --image_folder, for videos and images alike
+    samples = [{"video": "v/a.mp4", "conversations": _qa()}, {"image": "b.png", "conversations": _qa()}]
+    path = _write_json(tmp_path / "d.json", samples)
+    loaded = load_annotations(path, image_folder="/media")
+    assert [s.get("video") or s.get("image") for s in loaded] == ["/media/v/a.mp4", "/media/b.png"]
+    dataset = _dataset(tmp_path, samples, tokenizer, processor, model_config, image_folder="/media")
+    assert dataset.samples[0]["video"] == "/media/v/a.mp4"
+
+
 def test_malformed_json_reports_line_and_column(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[\n  {"conversations": []},\n  {"conversations": [}\n]\n')

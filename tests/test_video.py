@@ -300,6 +300,270 @@ def test_unknown_backend_raises_value_error(media: dict[str, Path]) -> None:
         load_video(media["mp4"], backend="opencv")
 
 
+# ----------------------------------------------------------------- real files: GIFs, rotation, VFR, seeking
+
+GIF_RED_LEVELS = [36, 73, 109, 146, 182, 219]  # one per frame; exact in GIF's 'rgb8' palette up to rounding
+GIF_DELAYS_CS = [10, 20, 10, 50, 10, 30]  # per-frame delays in 1/100 s
+
+
+def _write_gif(path: Path, delays_cs: list[int]) -> Path:
+    """An animated GIF whose frame i has a flat red level ``GIF_RED_LEVELS[i]`` and lasts ``delays_cs[i]``."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("gif", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "rgb8"
+        stream.time_base = Fraction(1, 100)
+        start = 0
+        for level, delay in zip(GIF_RED_LEVELS, delays_cs):
+            rgb = np.zeros((24, 32, 3), dtype=np.uint8)
+            rgb[..., 0], rgb[..., 2] = level, 85
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = start, Fraction(1, 100)
+            start += delay
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("backend", ["auto", "decord", "pyav"])
+def test_gif_is_a_video_when_animated_and_an_image_when_single_frame(tmp_path: Path, backend: str) -> None:
+    path = _write_gif(tmp_path / "anim.gif", GIF_DELAYS_CS)
+    # The frame times the file really carries, read independently with Pillow (milliseconds per frame).
+    with Image.open(path) as image:
+        delays = []
+        for number in range(image.n_frames):
+            image.seek(number)
+            delays.append(image.info["duration"] / 1000)
+    starts = np.concatenate([[0.0], np.cumsum(delays)[:-1]])
+
+    clip = load_video(path, max_frames=3, backend=backend)
+
+    assert clip.backend == "pyav"  # decord cannot read GIFs
+    assert clip.total_frames == len(GIF_DELAYS_CS) == len(delays)
+    assert clip.frame_indices == [0, 2, 5]
+    assert clip.frames.shape == (3, 24, 32, 3)
+    assert clip.frames[:, 12, 16, 0].tolist() == pytest.approx([GIF_RED_LEVELS[i] for i in (0, 2, 5)], abs=4)
+    assert clip.frame_times == pytest.approx(starts[[0, 2, 5]].tolist())
+    assert clip.duration == pytest.approx(sum(delays))
+
+    still = tmp_path / "still.gif"
+    Image.new("RGB", (8, 6), (255, 0, 0)).save(still)
+    assert load_video(still, max_frames=3, backend=backend).backend == "image"
+
+
+def _set_mp4_rotation(path: Path, degrees: int) -> None:
+    """Write a display matrix that rotates the picture ``degrees`` clockwise into the MP4's track header (what
+    phones write; FFmpeg's own muxer no longer takes a 'rotate' tag)."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    assert at > 0 and data.count(b"tkhd") == 1
+    version = data[at + 4]
+    # after 'tkhd': version+flags (4), times, track id, reserved, duration (20 or 32), reserved (8),
+    # layer, alternate group, volume, reserved (8), then the 3x3 matrix of 32-bit values
+    matrix_at = at + 4 + 4 + (32 if version == 1 else 20) + 8 + 8
+    cos, sin = round(np.cos(np.radians(degrees))), round(np.sin(np.radians(degrees)))
+    fixed = [cos, sin, 0, -sin, cos, 0, 0, 0, 0]  # a, b, u, c, d, v, x, y (16.16) ... and w (2.30)
+    words = [(value << 16) & 0xFFFFFFFF for value in fixed[:8]] + [1 << 30]
+    data[matrix_at : matrix_at + 36] = b"".join(word.to_bytes(4, "big") for word in words)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("rotated")
+    paths = {}
+    for degrees in (90, 180, 270):
+        path = _write_video(root / f"rot{degrees}.mp4", "libx264", frames=12)
+        _set_mp4_rotation(path, degrees)
+        paths[degrees] = path
+    return paths
+
+
+def _red_corner(frame: np.ndarray) -> tuple[str, str]:
+    """Which corner of ``frame`` holds the red square: ('top'|'bottom', 'left'|'right')."""
+    rows, cols = np.nonzero((frame[..., 0] > 200) & (frame[..., 1] < 60))
+    height, width = frame.shape[:2]
+    return ("top" if rows.mean() < height / 2 else "bottom", "left" if cols.mean() < width / 2 else "right")
+
+
+@pytest.mark.parametrize(
+    ("degrees", "corner"), [(90, ("top", "right")), (180, ("bottom", "right")), (270, ("bottom", "left"))]
+)
+def test_pyav_turns_frames_upright_by_the_display_matrix(
+    rotated: dict[int, Path], degrees: int, corner: tuple[str, str]
+) -> None:
+    with av.open(str(rotated[degrees])) as container:  # the file carries the rotation, as FFmpeg reads it
+        assert next(container.decode(video=0)).rotation == {90: -90, 180: -180, 270: 90}[degrees]
+
+    clip = load_video(rotated[degrees], max_frames=4, backend="pyav")
+
+    shape = (HEIGHT, WIDTH) if degrees == 180 else (WIDTH, HEIGHT)
+    assert clip.frames.shape == (4, *shape, 3)
+    assert all(_red_corner(frame) == corner for frame in clip.frames)
+    assert [_index_of(np.rot90(f, degrees // 90)) for f in clip.frames] == clip.frame_indices
+
+
+def test_pyav_and_decord_give_the_same_upright_frames(rotated: dict[int, Path]) -> None:
+    # decord 0.6 turns 180-degree videos but fails on 90/270 (then "auto" falls back to PyAV).
+    a = load_video(rotated[180], max_frames=6, backend="decord")
+    b = load_video(rotated[180], max_frames=6, backend="pyav")
+
+    assert a.frames.shape == b.frames.shape
+    assert np.abs(a.frames.astype(np.int16) - b.frames.astype(np.int16)).mean() < 2.0
+
+
+VFR_PTS_MS = [0, 100, 150, 400, 450, 500, 1000, 1100, 1133, 1600]
+
+
+def _write_vfr(path: Path) -> Path:
+    """Frames at the uneven times ``VFR_PTS_MS`` (milliseconds); frame i is ``_synthetic_frame(i)``."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        for i, ms in enumerate(VFR_PTS_MS):
+            frame = av.VideoFrame.from_ndarray(_synthetic_frame(i), format="rgb24")
+            frame.pts, frame.time_base = ms, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])
+def test_vfr_frame_times_and_duration_come_from_presentation_times(tmp_path: Path, suffix: str) -> None:
+    path = _write_vfr(tmp_path / f"vfr.{suffix}")
+    clips = {backend: load_video(path, max_frames=5, backend=backend) for backend in ("decord", "pyav")}
+
+    for clip in clips.values():
+        assert clip.frame_indices == [0, 2, 4, 6, 9]
+        assert [_index_of(f) for f in clip.frames] == clip.frame_indices
+        assert clip.frame_times == pytest.approx([VFR_PTS_MS[i] / 1000 for i in clip.frame_indices], abs=1e-6)
+        # from the first frame's start to the last frame's end (the last frame lasts one frame interval)
+        assert 1.6 < clip.duration <= 1.7 + 1e-6
+        assert "located at 0.00s,0.15s,0.45s,1.00s,1.60s." in clip.info()
+    assert clips["pyav"].duration == pytest.approx(clips["decord"].duration, abs=1e-6)
+
+
+def _write_gop_video(path: Path, frames: int, gop: int, **options: str) -> Path:
+    """H.264 with a keyframe every ``gop`` frames and B-frames; the picture changes every frame."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(
+            "libx264",
+            rate=VIDEO_FPS,
+            options={"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "2", **options},
+        )
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        rng = np.random.default_rng(0)
+        for i in range(frames):
+            rgb = np.full((HEIGHT, WIDTH, 3), (7 * i) % 200, dtype=np.uint8)
+            rgb[i % (HEIGHT - 8) :][:8, : 8 + i % 40] = (255, 40, 0)
+            rgb[-8:, -8:] = rng.integers(0, 256, (8, 8, 3))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gop_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gop")
+    return {
+        "mp4": _write_gop_video(root / "gop.mp4", 90, 7),
+        "mkv": _write_gop_video(root / "gop.mkv", 90, 7),
+        # MPEG-TS seeks by decode time and lands only near the asked-for keyframe
+        "ts": _write_gop_video(root / "gop.ts", 90, 7),
+        # an open GOP: the B-frames shown just before a keyframe are decoded after it, from the group before
+        "open-gop.mp4": _write_gop_video(root / "open.mp4", 90, 9, **{"x264-params": "open-gop=1"}),
+        "long.mp4": _write_gop_video(root / "long.mp4", 300, 10),
+    }
+
+
+def _packet_index(path: Path) -> video_mod._PacketIndex:
+    with av.open(str(path)) as container:
+        index = video_mod._pyav_packet_index(container, container.streams.video[0], VIDEO_FPS)
+    assert index is not None
+    return index
+
+
+def _spy_on_seek_decode(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Record what each call of ``_pyav_seek_decode`` returns (``None``: it gave up and load_video decoded in order)."""
+    results: list[object] = []
+    real = video_mod._pyav_seek_decode
+
+    def spy(*args: object) -> object:
+        results.append(real(*args))
+        return results[-1]
+
+    monkeypatch.setattr(video_mod, "_pyav_seek_decode", spy)
+    return results
+
+
+@pytest.mark.parametrize("name", ["mp4", "mkv", "ts", "open-gop.mp4"])
+@pytest.mark.parametrize(("max_frames", "fps"), [(5, None), (16, None), (64, 3.0)])
+def test_pyav_seeking_returns_exactly_the_sequential_frames(
+    gop_videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch, name: str, max_frames: int, fps: float | None
+) -> None:
+    path = gop_videos[name]
+    index = _packet_index(path)
+    assert len(index.keyframes) >= 9
+    assert index.packet_pts != sorted(index.packet_pts)  # B-frames: decode order differs from presentation order
+    seek_results = _spy_on_seek_decode(monkeypatch)
+
+    clip = load_video(path, max_frames=max_frames, fps=fps, backend="pyav")
+    expected, _ = video_mod._pyav_decode_indices(str(path), clip.frame_indices)
+
+    assert len(seek_results) == 1 and seek_results[0] is not None  # it did seek
+    assert clip.total_frames == 90
+    assert np.array_equal(clip.frames, np.stack([expected[i].image for i in clip.frame_indices]))
+    assert clip.frame_times == [expected[i].time for i in clip.frame_indices]
+
+
+def test_pyav_seeking_decodes_only_the_groups_the_sampled_frames_need(gop_videos: dict[str, Path]) -> None:
+    path = gop_videos["long.mp4"]  # 300 frames, a keyframe every 10
+    index = _packet_index(path)
+    indices = uniform_frame_indices(300, 4)  # 0, 99, 199, 299
+
+    found, decoded = video_mod._pyav_seek_decode(str(path), index, indices)
+    _, decoded_in_order = video_mod._pyav_decode_indices(str(path), indices)
+
+    assert sorted(found) == indices
+    assert decoded_in_order == 300
+    # each frame needs at most its group of 10 (plus a B-frame or two reordered across the boundary)
+    assert decoded <= 4 * 13
+
+
+def test_pyav_falls_back_to_sequential_decoding_when_a_seek_overshoots(
+    gop_videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = gop_videos["mp4"]
+    real_seek = video_mod._seek
+    monkeypatch.setattr(video_mod, "_seek", lambda container, stream, timestamp: real_seek(container, stream, 10**9))
+    seek_results = _spy_on_seek_decode(monkeypatch)
+
+    clip = load_video(path, max_frames=6, backend="pyav")
+    expected, _ = video_mod._pyav_decode_indices(str(path), clip.frame_indices)
+
+    assert seek_results == [None]
+    assert clip.frame_indices == uniform_frame_indices(90, 6)
+    assert np.array_equal(clip.frames, np.stack([expected[i].image for i in clip.frame_indices]))
+
+
+def test_pyav_counts_frames_without_decoding(media: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_decoding(path: str) -> int:
+        raise AssertionError("counted frames by decoding the whole file")
+
+    monkeypatch.setattr(video_mod, "_pyav_count_frames", no_decoding)
+
+    clip = load_video(media["mkv"], max_frames=4, backend="pyav")  # Matroska stores no frame count
+
+    assert clip.total_frames == NUM_FRAMES
+    assert [_index_of(f) for f in clip.frames] == [0, 13, 26, 39]
+
+
 # ----------------------------------------------------------------- VideoClip
 
 

@@ -11,6 +11,11 @@ What it does that the reference's wrapper did not: every request's own generatio
 used by several questions is decoded and encoded once (a small LRU cache); images work as well as videos;
 ``loglikelihood`` is implemented, so multiple-choice tasks scored by likelihood run; a video that cannot be
 read is reported once, with its path, and its requests are scored as empty answers while the run goes on.
+
+``protocol=reference`` switches every setting that differs from the reference wrapper's (decoder, frame
+sampling, dtype, image preprocessing, decode mode, generation settings) to the reference's, to reproduce the
+published numbers; explicit model arguments still win. Each logged sample records how its visual inputs were
+sampled (frame indices and times) under ``token_counts.visuals``.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
@@ -34,7 +41,14 @@ from transformers import StoppingCriteriaList
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
-from llava.mm_utils import KeywordsStoppingCriteria, process_images, template_stop, tokenizer_image_token
+from llava.mm_utils import (
+    KeywordsStoppingCriteria,
+    frame_count_warning,
+    process_images,
+    template_stop,
+    tokenizer_image_token,
+    trained_video_frames,
+)
 from llava.model.builder import load_pretrained_model
 from llava.model.slow_fast import SlowFastTokens
 from llava.video import VideoLoadError, load_video
@@ -44,9 +58,92 @@ DEFAULT_NUM_FRAMES = 64
 DEFAULT_MAX_NEW_TOKENS = 1024
 VIDEO_BACKENDS = ("decord", "pyav", "auto")
 DECODE_MODES = ("attend", "reference")
+IMAGE_ASPECT_RATIOS = ("config", "pad", "crop")
+GENERATION_MODES = ("task", "reference")
+# The reference wrapper read its generation settings with getattr on the task's dict, so every task ran
+# with its fallbacks: greedy, one beam, 256 new tokens, no stop strings.
+REFERENCE_MAX_NEW_TOKENS = 256
 # Generation settings passed on to ``generate`` as they are, beside the ones handled explicitly.
 PASSTHROUGH_GEN_KWARGS = ("top_k", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "min_new_tokens")
 HANDLED_GEN_KWARGS = ("max_new_tokens", "temperature", "top_p", "num_beams", "do_sample", "until")
+
+# Settings a protocol fixes unless the model arguments name them. ``default`` is this plugin's choice where
+# it differs from the reference; ``reference`` is the reference wrapper's behaviour, which produced the
+# published numbers (README, "Evaluation protocols").
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "default": {
+        "video_decode_backend": "decord",
+        "fps": None,  # num_frames spread uniformly over the whole video
+        "dtype": "auto",  # bf16 on CUDA
+        "image_aspect_ratio": "config",  # the checkpoint's (released: pad to a square, as in training)
+        "cross_attn_decode_mode": "attend",
+        "generation": "task",
+    },
+    "reference": {
+        "video_decode_backend": "pyav",
+        "fps": 2.0,  # at most num_frames, picked exactly as the reference wrapper does
+        "dtype": "float16",
+        "image_aspect_ratio": "crop",  # the image processor alone: short side resized, centre crop
+        "cross_attn_decode_mode": "reference",
+        "generation": "reference",
+    },
+}
+
+
+def resolve_protocol(protocol: str, **given: Any) -> dict[str, Any]:
+    """The settings of ``protocol`` with each argument of ``given`` that is not None in place of the preset's.
+
+    ``given`` takes the keys of :data:`PROTOCOLS` entries, as the model arguments spell them (``fps="none"``
+    is an explicit "no fps": uniform sampling).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"{MODEL_ID}: model argument protocol={protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    unknown = set(given) - set(PROTOCOLS[protocol])
+    if unknown:
+        raise ValueError(f"{MODEL_ID}: protocol settings have no {', '.join(sorted(unknown))}")
+    return {key: given[key] if given.get(key) is not None else value for key, value in PROTOCOLS[protocol].items()}
+
+
+def reference_frame_indices(total_frames: int, video_fps: float, target_fps: float, num_frames: int) -> list[int]:
+    """Indices of the frames the reference wrapper decodes from a video (its PyAV path at ``target_fps``).
+
+    Candidates are every ``max(round(video_fps / target_fps), 1)``-th frame from frame 0. With fewer than
+    ``num_frames`` candidates all of them are kept (a clip shorter than ``num_frames / target_fps`` seconds
+    gets fewer frames); otherwise, with ``L`` candidates and ``r = L / num_frames`` (computed first, as there:
+    the order of the float operations decides ties), the ``round((i + 1) * r - 1)``-th for ``i < num_frames``.
+    ``round`` is Python's, halves to even.
+    """
+    if total_frames < 1 or not video_fps > 0 or not target_fps > 0 or num_frames < 1:
+        raise ValueError(
+            f"reference_frame_indices needs positive arguments, got total_frames={total_frames}, "
+            f"video_fps={video_fps}, target_fps={target_fps}, num_frames={num_frames}"
+        )
+    step = max(round(video_fps / target_fps), 1)
+    candidates = range(0, total_frames, step)
+    if len(candidates) < num_frames:
+        return list(candidates)
+    ratio = len(candidates) / num_frames
+    return [candidates[round((i + 1) * ratio - 1)] for i in range(num_frames)]
+
+
+@dataclass
+class SampleRecord(TokenCounts):
+    """Token counts plus how the request's visual inputs were read, for lmms-eval's samples file.
+
+    lmms-eval 0.7.3 logs nothing per request from a model except ``TokenCounts.to_dict()`` (under
+    ``token_counts``), so this subclass adds ``visuals`` (one dict per video or image: for a video its path,
+    decoder, frame rate, length, and the sampled ``frame_indices`` and ``frame_times_s``) and
+    ``truncated_tokens`` (prompt text tokens cut at ``tokenizer_model_max_length``).
+    """
+
+    visuals: list[dict[str, Any]] = field(default_factory=list)
+    truncated_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = dict(super().to_dict())
+        record["visuals"] = self.visuals
+        record["truncated_tokens"] = self.truncated_tokens
+        return record
 
 
 class UnreadableVisual(Exception):
@@ -173,19 +270,32 @@ class SlowFastVideoMLLM(lmms):
 
     Model arguments (``--model_args k=v,...``):
         pretrained: checkpoint folder or hub id (required).
-        num_frames: frames sampled per video (default: the checkpoint's ``video_frames``, else 64).
-        fps: sample at this rate, capped at ``num_frames`` (default: ``num_frames`` uniformly over the video).
-        video_decode_backend: ``decord`` (default), ``pyav`` or ``auto`` (decord, then PyAV).
+        protocol: ``default`` or ``reference`` (the reference wrapper's settings, which produced the published
+            numbers). It sets the arguments marked (P) below; an argument given explicitly wins.
+        num_frames: frames sampled per video (default: the checkpoint's trained count, ``video_frames`` or
+            ``mm_training_video_frames``, else 64). A count other than the trained one is warned about.
+        fps (P): sample at this rate, capped at ``num_frames``; ``none`` spreads ``num_frames`` uniformly over
+            the video (default ``none``; ``reference``: 2, with the reference's exact frame indices).
+        video_decode_backend (P): ``decord``, ``pyav`` or ``auto`` (decord, then PyAV) (``decord``;
+            ``reference``: ``pyav``).
         conv_template: prompt template (default ``qwen_1_5``).
         device: ``cuda`` (default; CPU when CUDA is absent), ``cuda:N`` or ``cpu``. Under
             ``accelerate launch`` each process takes the GPU of its local rank.
-        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
+        dtype (P): ``auto`` (bf16 on CUDA, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32`` (``auto``;
+            ``reference``: ``float16``). Pixels are cast to the same dtype.
         attn_implementation: ``auto`` (flash-attn when installed on CUDA, else SDPA), ``sdpa``, ``eager``
             or ``flash_attention_2``.
-        cross_attn_decode_mode: ``attend`` (default: generated tokens read the slow tokens, as in training)
-            or ``reference`` (the reference's decoding, to reproduce published numbers exactly).
+        cross_attn_decode_mode (P): ``attend`` (generated tokens read the slow tokens, as in training) or
+            ``reference`` (the reference's decoding) (``attend``; ``reference``: ``reference``).
+        image_aspect_ratio (P): single images are ``pad``-ded to a square before the processor's resize and
+            centre crop, or only ``crop``-ped; ``config`` follows the checkpoint (``config``; ``reference``:
+            ``crop``).
+        generation (P): ``task`` (each request's own ``generation_kwargs``) or ``reference`` (greedy,
+            ``max_new_tokens`` new tokens, no stop strings, whatever the task asks, as the reference ran)
+            (``task``; ``reference``: ``reference``).
         batch_size: requests per forward pass (default 1).
-        max_new_tokens: answer length for tasks that do not set one (default 1024).
+        max_new_tokens: answer length for tasks that set none (default 1024; with ``generation=reference``
+            the length of every answer, default 256).
         video_cache_size: encoded videos kept for the next questions on the same video (default 4).
     """
 
@@ -194,16 +304,19 @@ class SlowFastVideoMLLM(lmms):
     def __init__(
         self,
         pretrained: str,
+        protocol: str = "default",
         num_frames: int | None = None,
-        fps: float | None = None,
-        video_decode_backend: str = "decord",
+        fps: float | str | None = None,
+        video_decode_backend: str | None = None,
         conv_template: str = "qwen_1_5",
         device: str = "cuda",
-        dtype: str = "auto",
+        dtype: str | None = None,
         attn_implementation: str | None = "auto",
-        cross_attn_decode_mode: str = "attend",
+        cross_attn_decode_mode: str | None = None,
+        image_aspect_ratio: str | None = None,
+        generation: str | None = None,
         batch_size: int | str = 1,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens: int | None = None,
         video_cache_size: int = 4,
         max_batch_size: int | None = None,  # passed by lmms-eval's CLI; batches are ``batch_size``
         **unknown: Any,
@@ -212,24 +325,41 @@ class SlowFastVideoMLLM(lmms):
         if unknown:
             raise ValueError(
                 f"{MODEL_ID}: unknown model argument(s) {', '.join(sorted(unknown))}; accepted: pretrained, "
-                "num_frames, fps, video_decode_backend, conv_template, device, dtype, attn_implementation, "
-                "cross_attn_decode_mode, batch_size, max_new_tokens, video_cache_size"
+                "protocol, num_frames, fps, video_decode_backend, conv_template, device, dtype, attn_implementation, "
+                "cross_attn_decode_mode, image_aspect_ratio, generation, batch_size, max_new_tokens, video_cache_size"
             )
         if not pretrained:
             raise ValueError(f"{MODEL_ID}: model argument pretrained= (a checkpoint path or hub id) is required")
+        self.protocol = protocol
+        settings = resolve_protocol(
+            protocol,
+            video_decode_backend=video_decode_backend,
+            fps=fps,
+            dtype=dtype,
+            image_aspect_ratio=image_aspect_ratio,
+            cross_attn_decode_mode=cross_attn_decode_mode,
+            generation=generation,
+        )
         frames = _as_int("num_frames", num_frames) if num_frames is not None else None
-        self.fps = _as_optional_float("fps", fps)
-        self.video_decode_backend = _choice("video_decode_backend", video_decode_backend, VIDEO_BACKENDS)
+        self.fps = _as_optional_float("fps", settings["fps"])
+        self.video_decode_backend = _choice("video_decode_backend", settings["video_decode_backend"], VIDEO_BACKENDS)
         if self.video_decode_backend == "decord" and importlib.util.find_spec("decord") is None:
             raise ValueError(
                 f"{MODEL_ID}: video_decode_backend=decord but decord is not installed; "
                 "install it or pass video_decode_backend=pyav"
             )
+        # Under the reference protocol each video's indices are checked against the reference wrapper's formula:
+        # llava.video's fps sampling can round a tie the other way.
+        self.reference_sampling = protocol == "reference" and self.fps is not None
         self.conv_template = _choice("conv_template", conv_template, sorted(conv_templates))
-        cross_attn_decode_mode = _choice("cross_attn_decode_mode", cross_attn_decode_mode, DECODE_MODES)
+        cross_attn_decode_mode = _choice("cross_attn_decode_mode", settings["cross_attn_decode_mode"], DECODE_MODES)
+        self.image_aspect_ratio = _choice("image_aspect_ratio", settings["image_aspect_ratio"], IMAGE_ASPECT_RATIOS)
+        self.generation = _choice("generation", settings["generation"], GENERATION_MODES)
         if str(batch_size).startswith("auto"):
             raise ValueError(f"{MODEL_ID}: batch_size={batch_size!r}: automatic batch sizes are not supported")
         self._batch_size = _as_int("batch_size", batch_size)
+        if max_new_tokens is None:
+            max_new_tokens = REFERENCE_MAX_NEW_TOKENS if self.generation == "reference" else DEFAULT_MAX_NEW_TOKENS
         self.default_max_new_tokens = _as_int("max_new_tokens", max_new_tokens)
         self.video_cache_size = _as_int("video_cache_size", video_cache_size, minimum=0)
 
@@ -255,24 +385,36 @@ class SlowFastVideoMLLM(lmms):
             pretrained,
             device=str(dev) if dev.type == "cuda" else "cpu",
             device_map=None,
-            torch_dtype=dtype,
+            torch_dtype=settings["dtype"],
             attn_implementation=attn_implementation,
             cross_attn_decode_mode=cross_attn_decode_mode,
         )
         self._device = self._model.device
         config = self._model.config
-        self.num_frames = frames or getattr(config, "video_frames", None) or DEFAULT_NUM_FRAMES
+        self.trained_frames = trained_video_frames(config)
+        self.num_frames = frames or self.trained_frames or DEFAULT_NUM_FRAMES
         self.stop_string, self.stop_token_id = template_stop(self.conv_template, self._tokenizer)
-        self._video_cache: OrderedDict[tuple, SlowFastTokens] = OrderedDict()
+        self._video_cache: OrderedDict[tuple, tuple[SlowFastTokens, dict[str, Any]]] = OrderedDict()
         self.unreadable: dict[str, str] = {}  # path -> cause, each reported once
-        self._warned_ignored: set[str] = set()
+        self._warned: set[str] = set()
         if self.rank == 0:
+            sampling = f"{self.num_frames} frames"
+            if self.fps:
+                sampling = f"at most {sampling} at {self.fps:g} fps"
             logger.info(
                 f"{MODEL_ID}: {pretrained} on {self._device} ({self._model.dtype}, {attn_implementation}), "
-                f"{self.num_frames} frames{f' at {self.fps} fps' if self.fps else ''}, "
-                f"decode mode {cross_attn_decode_mode}, batch size {self._batch_size}, "
-                f"{self.world_size} process(es)"
+                f"protocol {protocol}: {sampling} ({self.video_decode_backend}), images {self.image_aspect_ratio}, "
+                f"decode mode {cross_attn_decode_mode}, generation settings from the {self.generation}, "
+                f"batch size {self._batch_size}, {self.world_size} process(es)"
             )
+            mismatch = frame_count_warning(self.num_frames, config)
+            if mismatch:
+                logger.warning(f"{MODEL_ID}: {mismatch}")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(f"{MODEL_ID}: {message}")
 
     # -- properties lmms-eval reads ------------------------------------------------------------------------
     @property
@@ -322,36 +464,106 @@ class SlowFastVideoMLLM(lmms):
 
         Raises :class:`UnreadableVisual` when an item cannot be read.
         """
-        tokens = []
+        return self.read_visuals(visuals)[0]
+
+    @torch.no_grad()
+    def read_visuals(self, visuals: Sequence[Any]) -> tuple[list[SlowFastTokens], list[dict[str, Any]]]:
+        """:meth:`encode_visuals` plus, per item, how it was read (the ``visuals`` of :class:`SampleRecord`)."""
+        tokens, records = [], []
         for item in visuals:
             if isinstance(item, Image.Image):
-                pixels = process_images([item.convert("RGB")], self.image_processor, self._model.config)
-                pixels = pixels if isinstance(pixels, torch.Tensor) else torch.stack(pixels)
-                tokens.append(self._model.encode_images([pixels[0]])[0])
+                tokens.append(self._encode_image(item))
+                records.append({"image": list(item.size), "preprocess": self._image_preprocess()})
             elif isinstance(item, (str, os.PathLike)):
-                tokens.append(self._encode_video(os.fspath(item)))
+                video_tokens, record = self._encode_video(os.fspath(item))
+                tokens.append(video_tokens)
+                records.append(record)
             else:
                 raise UnreadableVisual(repr(item)[:80], f"unsupported visual input of type {type(item).__name__}")
-        return tokens
+        return tokens, records
 
-    def _encode_video(self, path: str) -> SlowFastTokens:
-        key = (path, self.num_frames, self.fps)
+    def _image_preprocess(self) -> str:
+        if self.image_aspect_ratio == "config":
+            return "pad" if getattr(self._model.config, "image_aspect_ratio", None) == "pad" else "crop"
+        return self.image_aspect_ratio
+
+    def _encode_image(self, image: Image.Image) -> SlowFastTokens:
+        # process_images pads only for "pad"; anything else leaves the processor's resize and centre crop.
+        how = SimpleNamespace(image_aspect_ratio=self._image_preprocess())
+        pixels = process_images([image.convert("RGB")], self.image_processor, how)
+        pixels = pixels if isinstance(pixels, torch.Tensor) else torch.stack(pixels)
+        return self._model.encode_images([pixels[0]])[0]
+
+    def _encode_video(self, path: str) -> tuple[SlowFastTokens, dict[str, Any]]:
+        key = (path, self.num_frames, self.fps, self.video_decode_backend, self.reference_sampling)
         if key in self._video_cache:
             self._video_cache.move_to_end(key)
             return self._video_cache[key]
         if path in self.unreadable:
             raise UnreadableVisual(path, self.unreadable[path])
         try:
-            clip = load_video(path, self.num_frames, fps=self.fps, backend=self.video_decode_backend)
+            frames, record = self.sample_video(path)
         except VideoLoadError as err:
             raise UnreadableVisual(path, err.cause) from err
-        pixels = self.image_processor.preprocess(clip.frames, return_tensors="pt")["pixel_values"]
-        tokens = self._model.encode_images([pixels])[0]
+        pixels = self.image_processor.preprocess(frames, return_tensors="pt")["pixel_values"]
+        entry = (self._model.encode_images([pixels])[0], record)
         if self.video_cache_size:
-            self._video_cache[key] = tokens
+            self._video_cache[key] = entry
             while len(self._video_cache) > self.video_cache_size:
                 self._video_cache.popitem(last=False)
-        return tokens
+        return entry
+
+    def sample_video(self, path: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """Decode the frames of ``path`` this model reads, ``uint8`` ``[T, H, W, 3]``, and a record of them:
+        ``path``, ``backend``, ``video_fps``, ``total_frames``, ``duration_s``, ``sampling`` and the
+        ``num_frames`` sampled at ``frame_indices`` (source frame numbers) and ``frame_times_s`` (seconds).
+
+        Raises :class:`llava.video.VideoLoadError` when the video cannot be read.
+        """
+        clip = load_video(path, self.num_frames, fps=self.fps, backend=self.video_decode_backend)
+        frames, indices, times = clip.frames, list(clip.frame_indices), list(clip.frame_times)
+        sampling = "uniform" if self.fps is None else f"{self.fps:g} fps"
+        if self.reference_sampling:
+            sampling = f"reference, {self.fps:g} fps"
+            wanted = reference_frame_indices(clip.total_frames, clip.video_fps, self.fps, self.num_frames)
+            if indices != wanted:
+                exact = self._frames_at(path, wanted, clip.total_frames, clip.video_fps)
+                if exact is not None:
+                    frames, times = exact
+                    indices = wanted
+        record = {
+            "path": path,
+            "backend": clip.backend,
+            "video_fps": round(float(clip.video_fps), 6),
+            "total_frames": int(clip.total_frames),
+            "duration_s": round(float(clip.duration), 3),
+            "sampling": sampling,
+            "num_frames": len(indices),
+            "frame_indices": [int(i) for i in indices],
+            "frame_times_s": [round(float(t), 3) for t in times],
+        }
+        return frames, record
+
+    def _frames_at(
+        self, path: str, wanted: list[int], total: int, video_fps: float
+    ) -> tuple[np.ndarray, list[float]] | None:
+        """Frames ``wanted`` (all among the reference's candidates, every ``step``-th frame) and their times,
+        decoded by asking :func:`llava.video.load_video` for every candidate (all of them are held at once, at
+        the source resolution); None, with a warning, when it does not return them."""
+        step = max(round(video_fps / self.fps), 1)
+        candidates = len(range(0, total, step))
+        every = load_video(path, candidates, fps=self.fps, backend=self.video_decode_backend)
+        position = {int(index): k for k, index in enumerate(every.frame_indices)}
+        if not all(index in position for index in wanted):
+            self._warn_once(
+                f"indices:{path}",
+                f"{path}: cannot decode the reference's frame indices {wanted}; "
+                "using the frames sampled by llava.video instead",
+            )
+            return None
+        times = list(every.frame_times)
+        picked = [position[index] for index in wanted]
+        return every.frames[picked], [times[k] for k in picked]
 
     def _report_unreadable(self, err: UnreadableVisual) -> None:
         if err.path not in self.unreadable:
@@ -385,22 +597,38 @@ class SlowFastVideoMLLM(lmms):
             mask[i, width - len(row) :] = 1
         return ids.to(self._device), mask.to(self._device)
 
-    def _visual_token_count(self, tokens: Sequence[SlowFastTokens]) -> int:
-        return sum(t.fast.shape[0] for t in tokens)
+    def _prompt_length(self, ids: Sequence[int], tokens: Sequence[SlowFastTokens]) -> tuple[int, int]:
+        """``(positions the model reads, text tokens cut)`` for a prompt: its text plus fast tokens, cut at
+        ``tokenizer_model_max_length`` as ``generate`` does."""
+        merged = len(ids) - len(tokens) + sum(t.fast.shape[0] for t in tokens)
+        budget = getattr(self._model.config, "tokenizer_model_max_length", None)
+        cut = max(0, merged - budget) if budget else 0
+        return merged - cut, cut
 
     # -- generate_until ------------------------------------------------------------------------------------
+    def _request_settings(self, gen_kwargs: dict[str, Any] | None) -> RequestSettings:
+        if self.generation == "reference":
+            if gen_kwargs:
+                self._warn_once(
+                    "generation=reference",
+                    f"generation=reference: every answer is greedy, up to {self.default_max_new_tokens} tokens, "
+                    "without stop strings, as the reference wrapper ran; the tasks' generation_kwargs are ignored",
+                )
+            return RequestSettings(max_new_tokens=self.default_max_new_tokens)
+        parsed = RequestSettings.from_gen_kwargs(gen_kwargs, self.default_max_new_tokens)
+        for name in parsed.ignored:
+            self._warn_once(f"gen_kwargs:{name}", f"generation_kwargs {name!r} is not a generation setting; ignored")
+        return parsed
+
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         """Answer every request with its own generation settings; batches group requests whose settings
-        are equal, in (task, document) order so that questions on one video reuse its encoding."""
+        are equal, in (task, document) order so that questions on one video reuse its encoding.
+
+        Each result's ``token_counts`` is a :class:`SampleRecord`: how the visual inputs were sampled, and
+        the prompt text cut at ``tokenizer_model_max_length``.
+        """
         results: list[GenerationResult | None] = [None] * len(requests)
-        settings = []
-        for req in requests:
-            parsed = RequestSettings.from_gen_kwargs(req.args[1], self.default_max_new_tokens)
-            new = set(parsed.ignored) - self._warned_ignored
-            if new:
-                self._warned_ignored |= new
-                logger.warning(f"{MODEL_ID}: generation_kwargs {sorted(new)} are not generation settings; ignored")
-            settings.append(parsed)
+        settings = [self._request_settings(req.args[1]) for req in requests]
 
         def sort_key(i: int) -> tuple:
             _, _, _, doc_id, task, split = requests[i].args
@@ -416,21 +644,24 @@ class SlowFastVideoMLLM(lmms):
 
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="slowfast generate")
         for batch in batches:
-            prepared = []
+            prepared, records = [], {}
             for i in batch:
                 context, _, doc_to_visual, doc_id, task, split = requests[i].args
                 try:
-                    visual = self.encode_visuals(self._doc_visuals(doc_to_visual, task, split, doc_id))
+                    visual, records[i] = self.read_visuals(self._doc_visuals(doc_to_visual, task, split, doc_id))
                 except UnreadableVisual as err:
                     self._report_unreadable(err)
-                    results[i] = GenerationResult("", TokenCounts(input_tokens=0, output_tokens=0))
+                    unread = [{"path": err.path, "error": err.cause}]
+                    results[i] = GenerationResult("", SampleRecord(input_tokens=0, output_tokens=0, visuals=unread))
                     continue
                 prepared.append((i, self._tokenize(self.build_prompt(context, len(visual))), visual))
             if prepared:
                 texts = self._generate_batch(prepared, settings[batch[0]])
                 for (i, ids, visual), (text, new_tokens) in zip(prepared, texts):
-                    input_tokens = len(ids) - len(visual) + self._visual_token_count(visual)
-                    results[i] = GenerationResult(text, TokenCounts(input_tokens=input_tokens, output_tokens=new_tokens))
+                    input_tokens, cut = self._prompt_length(ids, visual)
+                    record = SampleRecord(input_tokens=input_tokens, output_tokens=new_tokens, visuals=records[i],
+                                          truncated_tokens=cut)  # fmt: skip
+                    results[i] = GenerationResult(text, record)
                     self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]), text)
             progress.update(len(batch))
         progress.close()
@@ -486,9 +717,12 @@ class SlowFastVideoMLLM(lmms):
         read gets ``(inf, False)``.
 
         Each pair is returned inside a ``GenerationResult``: lmms-eval 0.7.3 turns any other non-string
-        response into its ``str()``, which breaks every likelihood-scored task.
+        response into its ``str()``, which breaks every likelihood-scored task. Its ``token_counts`` is a
+        :class:`SampleRecord` holding how the visual inputs were sampled. Prompts are not cut at
+        ``tokenizer_model_max_length``: that would cut the continuation being scored.
         """
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        records: list[list[dict[str, Any]]] = [[] for _ in requests]
         parsed = []
         for req in requests:
             args = req.args
@@ -515,7 +749,7 @@ class SlowFastVideoMLLM(lmms):
         for group in groups:
             context, _, doc_to_visual, doc_id, task, split = parsed[group[0]]
             try:
-                visual = self.encode_visuals(self._doc_visuals(doc_to_visual, task, split, doc_id))
+                visual, visual_records = self.read_visuals(self._doc_visuals(doc_to_visual, task, split, doc_id))
             except UnreadableVisual as err:
                 self._report_unreadable(err)
                 for i in group:
@@ -527,11 +761,12 @@ class SlowFastVideoMLLM(lmms):
                 chunk = group[start : start + self._batch_size]
                 conts = [self._tokenizer(parsed[i][1], add_special_tokens=False).input_ids for i in chunk]
                 for i, score in zip(chunk, self._score(prompt_ids, visual, conts)):
-                    results[i] = score
+                    results[i], records[i] = score, visual_records
                     self.cache_hook.add_partial("loglikelihood", (parsed[i][0], parsed[i][1]), score)
                 progress.update(len(chunk))
         progress.close()
-        return [GenerationResult(pair) for pair in results]  # type: ignore[arg-type]
+        pairs = zip(results, records)
+        return [GenerationResult(pair, SampleRecord(visuals=rec)) for pair, rec in pairs]  # type: ignore[arg-type]
 
     @torch.no_grad()
     def _score(

@@ -1,8 +1,8 @@
 """The Slow-Fast model; importing this package registers it with transformers' Auto classes."""
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache import SlowFastCache
+from .cache import SlowFastCache, SlowFastStaticCache
 from .configuration_llava_qwen_slow_fast import LlavaQwenSlowFastConfig
 from .modeling_llava_qwen_slow_fast import (
     LlavaQwenSlowFastForCausalLM,
@@ -12,6 +12,7 @@ from .modeling_llava_qwen_slow_fast import (
 from .slow_fast import SlowFastParams, SlowFastTokens, split_slow_fast
 
 AutoConfig.register(LlavaQwenSlowFastConfig.model_type, LlavaQwenSlowFastConfig, exist_ok=True)
+AutoModel.register(LlavaQwenSlowFastConfig, LlavaQwenSlowFastModel, exist_ok=True)
 AutoModelForCausalLM.register(LlavaQwenSlowFastConfig, LlavaQwenSlowFastForCausalLM, exist_ok=True)
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "LlavaQwenSlowFastModel",
     "MultimodalInputs",
     "SlowFastCache",
+    "SlowFastStaticCache",
     "SlowFastParams",
     "SlowFastTokens",
     "split_slow_fast",

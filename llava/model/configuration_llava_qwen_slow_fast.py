@@ -63,11 +63,23 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
         vision_tower_pretrained: local weight file or timm pretrained name for a *new* model's tower.
         mm_vision_chunk_frames: encode at most this many frames at once (bounds peak memory); None = all.
         video_frames: frames per video the model was trained with (the CLI's default ``--max-frames``).
+        mm_training_video_frames: the same count under the name the reference's trainer writes; read when
+            ``video_frames`` is absent (see :attr:`trained_video_frames`).
+        tokenizer_model_max_length: the training length budget (text plus fast tokens); generation cuts a
+            longer prompt's text to it, as the reference does.
         cross_attn_decode_mode: ``"attend"`` (decode tokens read the slow tokens, as in training) or
             ``"reference"`` (they do not, which reproduces the reference's outputs).
     """
 
     model_type = "llava_qwen_slow_fast"
+    # Qwen2's tensor-parallel plan plus the hybrid layers' own projections: the key/value projection of the slow
+    # tokens is split by key/value head like k_proj/v_proj (its output is laid out per head), and the gate reads
+    # the attention output before o_proj, which is split by head, so its partial sums are reduced like o_proj's.
+    base_model_tp_plan = {
+        **Qwen2Config.base_model_tp_plan,
+        "layers.*.self_attn.cross_attn_kv_proj": "colwise",
+        "layers.*.self_attn.cross_attn_gate_proj.*": "rowwise",
+    }
 
     # vision tower and projector
     mm_vision_tower: str | None = "convnext-576"
@@ -90,6 +102,7 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
 
     # slow / fast tokens
     video_frames: int | None = None
+    mm_training_video_frames: int | None = None
     mm_video_pooling_stride: int = 2
     fast_token_spatial_stride: int = 1
     fast_token_temporal_stride: int = 4
@@ -107,6 +120,12 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.validate_slow_fast()
+
+    @property
+    def trained_video_frames(self) -> int | None:
+        """Frames per video the checkpoint was trained with: ``video_frames``, else the reference trainer's
+        ``mm_training_video_frames``; None when the config records neither."""
+        return self.video_frames or self.mm_training_video_frames
 
     @property
     def hybrid_layer_indices(self) -> list[int]:
@@ -155,15 +174,17 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
                 raise bad(field, f"must be an integer, got {type(value).__name__}")
             if value < (0 if field == "cross_attn_min_layer_depth" else 1):
                 raise bad(field, "must be >= 1" if field != "cross_attn_min_layer_depth" else "must be >= 0")
-        for field in ("cross_attn_max_layer_depth", "mm_vision_chunk_frames", "video_frames"):
+        optional_counts = ("video_frames", "mm_training_video_frames", "tokenizer_model_max_length")
+        for field in ("cross_attn_max_layer_depth", "mm_vision_chunk_frames", *optional_counts):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise bad(field, f"must be an integer or None, got {type(value).__name__}")
         for field in ("cross_attn_implementation", "cross_attn_gating_type", "cross_attn_decode_mode", "mm_projector_type"):
             if not isinstance(getattr(self, field), str):
                 raise bad(field, "must be a string")
-        if self.video_frames is not None and self.video_frames < 1:
-            raise bad("video_frames", "must be >= 1 or None")
+        for field in optional_counts:
+            if getattr(self, field) is not None and getattr(self, field) < 1:
+                raise bad(field, "must be >= 1 or None")
         if self.cross_attn_max_layer_depth is not None and self.cross_attn_max_layer_depth < 0:
             raise bad("cross_attn_max_layer_depth", "must be >= 0 or None")
         try:

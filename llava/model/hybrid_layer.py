@@ -11,6 +11,8 @@ where ``q`` is the self-attention's query after RoPE, ``K_slow, V_slow = cross_a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,13 +25,36 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from ..constants import TOKEN_TYPE_RESPONSE, TOKEN_TYPE_TEXT, TOKEN_TYPE_VISUAL
-from .cache import SlowFastCache
+from .cache import SlowKeyValues
 from .configuration_llava_qwen_slow_fast import cross_attn_query_mode, parse_gating_type
 
-try:  # optional CUDA kernels
-    from flash_attn import flash_attn_varlen_func
-except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_varlen_func = None
+
+def _import_flash_varlen() -> Callable | None:
+    """flash-attn's ``flash_attn_varlen_func``, or None where the package is missing or its CUDA build does not load."""
+    try:
+        from flash_attn import flash_attn_varlen_func as kernel
+    except ImportError:
+        return None
+    return kernel
+
+
+# Looked up at call time, so tests can put a stand-in here (and widen the device types to run it on a CPU).
+flash_attn_varlen_func = _import_flash_varlen()
+FLASH_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+FLASH_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)  # the only dtypes the kernel takes
+
+
+def flash_kernel_accepts(query: torch.Tensor) -> bool:
+    """Whether flash-attn is loaded and takes ``query``'s device and dtype (fp16/bf16 on CUDA).
+
+    An fp32 query (an fp32 model, or autocast, where RoPE's fp32 cos/sin promote the query) takes the SDPA path
+    under ``flash_attention_2`` instead of reaching the kernel, which refuses fp32.
+    """
+    return (
+        flash_attn_varlen_func is not None
+        and query.device.type in FLASH_DEVICE_TYPES
+        and query.dtype in FLASH_DTYPES
+    )
 
 
 def cross_attn_query_mask(token_types: torch.Tensor, implementation: str, has_visual: torch.Tensor) -> torch.Tensor:
@@ -51,6 +76,24 @@ def cross_attn_query_mask(token_types: torch.Tensor, implementation: str, has_vi
     return mask & has_visual[:, None]
 
 
+def grouped_query_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """SDPA of ``query`` ``[B, H, L, D]`` over ``keys``/``values`` ``[B, Hkv, S, D]``, key padding ``key_mask``
+    ``[B, S]``; returns ``[B, H, L, D]``.
+
+    The mask depends on the key alone (no causality), so each group of ``H / Hkv`` query heads can be folded
+    onto its key/value head as extra rows (``[B, Hkv, G*L, D]``): every backend then reads each stored key/value
+    head once, never a copy per query head (``enable_gqa`` falls back to such copies on some backends, which
+    dominated a decode step's cross-attention: one query row per head against thousands of slow tokens).
+    """
+    batch, heads, length, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    folded = query.reshape(batch, kv_heads, (heads // kv_heads) * length, head_dim)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=key_mask[:, None, None, :], scale=scaling)
+    return out.reshape(batch, heads, length, head_dim)
+
+
 def slow_cross_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -67,38 +110,93 @@ def slow_cross_attention(
     ``[B, L, H*D]``; rows outside ``query_mask`` are finite but meaningless.
     """
     batch, heads, length, head_dim = query.shape
-    if use_flash and flash_attn_varlen_func is not None and query.is_cuda and bool(query_mask.any()):
+    if use_flash and flash_kernel_accepts(query) and bool(query_mask.any()):
         return _flash_varlen_cross_attention(query, keys, values, key_mask, query_mask, scaling)
     # A sample without slow tokens would give an all-masked softmax (NaN); let it attend to its padding,
     # its rows are never selected by query_mask.
     safe_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
     rows = query_mask.any(dim=0)  # positions that query in at least one sample of the batch
     if length == 1 or bool(rows.all()):  # a decode step needs no host sync to decide
-        context = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=safe_mask[:, None, None, :], scale=scaling, enable_gqa=True
-        )
+        context = grouped_query_attention(query, keys, values, safe_mask, scaling)
     else:
         # Only the querying positions (the text, not the fast tokens) are worth computing.
         picked = rows.nonzero().squeeze(-1)
         context = query.new_zeros(query.shape)
-        context[:, :, picked] = F.scaled_dot_product_attention(
-            query[:, :, picked], keys, values, attn_mask=safe_mask[:, None, None, :], scale=scaling, enable_gqa=True
-        )
+        context[:, :, picked] = grouped_query_attention(query[:, :, picked], keys, values, safe_mask, scaling)
     return context.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
-def _flash_varlen_cross_attention(query, keys, values, key_mask, query_mask, scaling) -> torch.Tensor:
+def eager_slow_cross_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_mask: torch.Tensor,
+    query_mask: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[`slow_cross_attention`] written out, for ``attn_implementation="eager"``: also returns the attention
+    weights ``[B, H, L, S]`` (zero on rows outside ``query_mask`` and on padded slow tokens)."""
     batch, heads, length, head_dim = query.shape
+    kv_heads, slow = keys.shape[1], keys.shape[2]
+    safe_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+    folded = query.reshape(batch, kv_heads, -1, head_dim)
+    scores = torch.matmul(folded, keys.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~safe_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = weights.reshape(batch, heads, length, slow) * query_mask[:, None, :, None].to(query.dtype)
+    context = torch.matmul(weights.reshape(batch, kv_heads, -1, slow), values).reshape(batch, heads, length, head_dim)
+    return context.transpose(1, 2).reshape(batch, length, heads * head_dim), weights
+
+
+class SlowCrossAttention(nn.Module):
+    """The cross-attention over the slow tokens (no parameters of its own: it reads the query after RoPE and the
+    projected slow keys/values). Its own module so that ``output_attentions=True`` records its weights as the
+    model's ``cross_attentions``."""
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_mask: torch.Tensor,
+        query_mask: torch.Tensor,
+        scaling: float,
+        attn_implementation: str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context ``[B, L, H*D]`` and, with ``attn_implementation="eager"``, the weights ``[B, H, L, S]``."""
+        if attn_implementation == "eager":
+            return eager_slow_cross_attention(query, keys, values, key_mask, query_mask, scaling)
+        use_flash = attn_implementation == "flash_attention_2"
+        return slow_cross_attention(query, keys, values, key_mask, query_mask, scaling, use_flash=use_flash), None
+
+
+def _flash_varlen_cross_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_mask: torch.Tensor,
+    query_mask: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """[`slow_cross_attention`] through flash-attn's varlen kernel; same shapes, rows outside ``query_mask`` zero.
+
+    The querying rows and the valid slow tokens are packed sample after sample (``[Nq, H, D]``, ``[Nk, Hkv, D]``)
+    and delimited by int32 cumulative lengths, so padding and the fast tokens cost nothing.
+    """
+    batch, heads, length, head_dim = query.shape
+    # Rows of a sample without slow tokens stay zero, whatever the kernel makes of an empty key sequence.
+    query_mask = query_mask & key_mask.any(dim=1, keepdim=True)
+    context = query.new_zeros(batch, length, heads, head_dim)
+    q_lens, k_lens = query_mask.sum(1, dtype=torch.int32), key_mask.sum(1, dtype=torch.int32)
+    max_q = int(q_lens.max())
+    if max_q == 0:
+        return context.reshape(batch, length, heads * head_dim)
     q = query.transpose(1, 2)[query_mask]  # [Nq, H, D]
     k = keys.transpose(1, 2)[key_mask]  # [Nk, Hkv, D]
     v = values.transpose(1, 2)[key_mask]
-    q_lens, k_lens = query_mask.sum(1, dtype=torch.int32), key_mask.sum(1, dtype=torch.int32)
     cu_q = F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0))
     cu_k = F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0))
-    out = flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, int(q_lens.max()), int(k_lens.max()), softmax_scale=scaling, causal=False
-    )
-    context = query.new_zeros(batch, length, heads, head_dim)
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, int(k_lens.max()), softmax_scale=scaling, causal=False)
     context[query_mask] = out.to(context.dtype)
     return context.reshape(batch, length, heads * head_dim)
 
@@ -116,11 +214,12 @@ class SlowFastAttention(Qwen2Attention):
         self.cross_attn_warm_up_gate = nn.Parameter(torch.zeros(1)) if gate_warmup else None
         # the reference squashes the warm-up scalar through tanh in text-only modes only
         self.warm_up_through_tanh = cross_attn_query_mode(config.cross_attn_implementation) != "all"
+        self.slow_attention = SlowCrossAttention()
 
     def project_slow(self, normed_slow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, S, hidden]`` -> keys, values ``[B, Hkv, S, D]``; the projection is read as (head, [k, v], D)."""
         batch, slow_len, _ = normed_slow.shape
-        kv = self.cross_attn_kv_proj(normed_slow).view(batch, slow_len, self.num_key_value_heads, 2, self.head_dim)
+        kv = self.cross_attn_kv_proj(normed_slow).view(batch, slow_len, -1, 2, self.head_dim)  # -1: local heads under TP
         return kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)
 
     def gate(self, self_attn_output: torch.Tensor) -> torch.Tensor:
@@ -171,13 +270,13 @@ class SlowFastAttention(Qwen2Attention):
         output = output.reshape(*input_shape, -1).contiguous()
 
         if slow_key_values is not None and cross_attn_query_mask is not None:
-            context = slow_cross_attention(
+            context, _ = self.slow_attention(
                 query,
                 *slow_key_values,
                 slow_token_mask,
                 cross_attn_query_mask,
                 self.scaling,
-                use_flash=self.config._attn_implementation == "flash_attention_2",
+                self.config._attn_implementation,
             )
             crossed = output + self.gate(output) * context.to(output.dtype)
             output = torch.where(cross_attn_query_mask[..., None], crossed, output)
@@ -209,7 +308,8 @@ class SlowFastDecoderLayer(Qwen2DecoderLayer):
 
     Call it as ``layer(hidden_states, slow_tokens, ...)``: both positionally, so that gradient checkpointing
     passes gradients to the slow tokens. ``slow_tokens`` ``[B, S, hidden]`` are normalised by this layer's own
-    ``input_layernorm``. With a [`SlowFastCache`] the projected keys/values are computed once and reused.
+    ``input_layernorm``. With a [`SlowFastCache`] or [`SlowFastStaticCache`] the projected keys/values are computed
+    once and reused.
     """
 
     def __init__(self, config, layer_idx: int) -> None:
@@ -220,12 +320,12 @@ class SlowFastDecoderLayer(Qwen2DecoderLayer):
     def slow_key_values(
         self, slow_tokens: torch.Tensor | None, cache
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if isinstance(cache, SlowFastCache) and (stored := cache.get_slow(self.layer_idx)) is not None:
+        if isinstance(cache, SlowKeyValues) and (stored := cache.get_slow(self.layer_idx)) is not None:
             return stored
         if slow_tokens is None:
             return None
         keys, values = self.self_attn.project_slow(self.input_layernorm(slow_tokens))
-        if isinstance(cache, SlowFastCache):
+        if isinstance(cache, SlowKeyValues):
             cache.set_slow(self.layer_idx, keys, values)
         return keys, values
 

@@ -8,15 +8,17 @@ to the hybrid layers (see ``slow_fast.py``, ``hybrid_layer.py`` and ``cache.py``
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2Attention,
     Qwen2DecoderLayer,
     Qwen2PreTrainedModel,
     Qwen2RMSNorm,
@@ -24,6 +26,8 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 from transformers import initialization as init
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..constants import (
     IGNORE_INDEX,
@@ -33,12 +37,14 @@ from ..constants import (
     TOKEN_TYPE_TEXT,
     TOKEN_TYPE_VISUAL,
 )
-from .cache import SlowFastCache
+from .cache import SlowFastCache, SlowFastStaticCache, SlowKeyValues
 from .configuration_llava_qwen_slow_fast import CROSS_ATTN_KV_INIT_LAYOUTS, LlavaQwenSlowFastConfig
-from .hybrid_layer import SlowFastAttention, SlowFastDecoderLayer, cross_attn_query_mask
+from .hybrid_layer import SlowCrossAttention, SlowFastAttention, SlowFastDecoderLayer, cross_attn_query_mask
 from .projector import ProjectorLinear, build_projector
 from .slow_fast import SlowFastParams, SlowFastTokens, split_slow_fast
 from .vision_tower import ConvNeXtVisionTower, _ConvNeXtBlockWeightNamed
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +54,8 @@ class MultimodalInputs:
     ``inputs_embeds`` ``[B, L, hidden]``, ``attention_mask``/``position_ids``/``token_types`` ``[B, L]``,
     ``labels`` ``[B, L]`` or None; ``slow_tokens`` ``[B, S, hidden]`` and ``slow_token_mask`` ``[B, S]``
     (None when no sample has visual input); ``cross_attn_query_mask`` ``[B, L]`` bool or None.
+    ``truncated_tokens``: text tokens cut from the end of each sample to fit ``max_length`` (all 0 when no
+    limit was given or every sample fit).
     """
 
     inputs_embeds: torch.Tensor
@@ -58,6 +66,7 @@ class MultimodalInputs:
     slow_tokens: torch.Tensor | None
     slow_token_mask: torch.Tensor | None
     cross_attn_query_mask: torch.Tensor | None
+    truncated_tokens: list[int] = field(default_factory=list)
 
     @property
     def num_fast_tokens(self) -> list[int]:
@@ -77,7 +86,13 @@ class LlavaQwenSlowFastPreTrainedModel(Qwen2PreTrainedModel):
     _no_split_modules = ["Qwen2DecoderLayer", "SlowFastDecoderLayer", "ConvNeXtVisionTower"]
     # The reference keeps the tower's unused classifier; its width differs between checkpoints.
     _keys_to_ignore_on_load_unexpected = [r"vision_tower\.vision_tower\.head\.fc\."]
-    _can_record_outputs = {"hidden_states": Qwen2DecoderLayer, "attentions": SlowFastAttention}
+    # Recorded by transformers' output capturing: every layer's output and self-attention weights (eager), and
+    # the hybrid layers' cross-attention weights over the slow tokens (eager; requested with output_attentions).
+    _can_record_outputs = {
+        "hidden_states": Qwen2DecoderLayer,
+        "attentions": Qwen2Attention,
+        "cross_attentions": OutputRecorder(SlowCrossAttention, index=1),
+    }
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
         """Checkpoint the ConvNeXt tower's stages too (timm's own switch): without it a long video's tower
@@ -141,10 +156,12 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
     def get_vision_tower(self) -> ConvNeXtVisionTower | None:
         return self.vision_tower
 
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
@@ -153,9 +170,14 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
         slow_token_mask: torch.Tensor | None = None,
         cross_attn_query_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
         """Qwen2's decoder loop; hybrid layers also get ``slow_tokens`` ``[B, S, hidden]``, ``slow_token_mask``
-        ``[B, S]`` and ``cross_attn_query_mask`` ``[B, L]`` (None: no cross-attention in this call)."""
+        ``[B, S]`` and ``cross_attn_query_mask`` ``[B, L]`` (None: no cross-attention in this call).
+
+        ``output_hidden_states`` / ``output_attentions`` add ``hidden_states`` (embeddings and every layer),
+        ``attentions`` (self-attention weights, ``[B, H, L, L_total]`` per layer) and ``cross_attentions`` (the
+        hybrid layers' weights over the slow tokens, ``[B, H, L, S]``); weights need ``attn_implementation="eager"``.
+        ``attention_mask`` may be the mask mapping that ``generate`` prepares for a static cache."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -167,16 +189,19 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
 
-        mask_kwargs = {
-            "config": self.config,
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
-            "position_ids": position_ids,
-        }
-        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-        if self.has_sliding_layers:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        if isinstance(attention_mask, dict):  # already prepared by generate (static cache)
+            masks = attention_mask
+        else:
+            mask_kwargs = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if self.has_sliding_layers:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -201,7 +226,7 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
             else:
                 hidden_states = layer(hidden_states, attention_mask=mask, **common)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(
+        return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
         )
 
@@ -215,6 +240,8 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: LlavaQwenSlowFastConfig) -> None:
         super().__init__(config)
@@ -270,11 +297,14 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         images=None,
         visual_tokens: list[SlowFastTokens] | None = None,
         padding_side: str | None = None,
+        max_length: int | None = None,
     ) -> MultimodalInputs:
         """Replace each ``-200`` by its fast tokens and gather the slow tokens of each sample.
 
         ``input_ids``/``attention_mask``/``labels`` ``[B, L]`` (either padding side); the result is padded
         on ``padding_side`` (default ``config.tokenizer_padding_side``; generation uses ``left``).
+        ``max_length`` (generation passes ``config.tokenizer_model_max_length``) bounds each merged sample:
+        see :func:`truncate_merged`.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -318,6 +348,20 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             slow = torch.cat(slows) if slows else None
             rows.append((torch.cat(pieces_e), torch.cat(pieces_l), torch.cat(pieces_t), slow))
 
+        truncated = [0] * batch
+        if max_length is not None:
+            for b, (e, lab, t, slow) in enumerate(rows):
+                keep = truncate_merged(t, max_length)
+                if keep < t.shape[0]:
+                    truncated[b] = t.shape[0] - keep
+                    rows[b] = (e[:keep], lab[:keep], t[:keep], slow)
+            if any(truncated):
+                logger.warning(
+                    "prompt longer than tokenizer_model_max_length=%d (text + fast tokens): cut %s text token(s) "
+                    "from the end of sample(s) %s, as the reference does",
+                    max_length, ", ".join(str(n) for n in truncated if n), [b for b, n in enumerate(truncated) if n],
+                )
+
         side = padding_side or self.config.tokenizer_padding_side
         max_len = max(r[0].shape[0] for r in rows)
         dtype = text_embeds.dtype
@@ -351,9 +395,11 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             slow_tokens=slow_tokens,
             slow_token_mask=slow_mask,
             cross_attn_query_mask=query_mask,
+            truncated_tokens=truncated,
         )
 
     # -- forward / generate ----------------------------------------------------------------------------
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -371,7 +417,7 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         cross_attn_query_mask: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithCrossAttentions:
         """Logits ``[B, L', vocab]`` over the merged sequence (text with fast tokens) and the loss on ``labels``.
 
         With ``images``, ``input_ids`` holds ``-200`` placeholders; ``labels`` are aligned to ``input_ids``
@@ -390,7 +436,7 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             )
             input_ids = None
 
-        if slow_token_mask is not None and past_key_values is not None and past_key_values.get_seq_length() > 0:
+        if slow_token_mask is not None and _is_decode_step(past_key_values):
             # decode step: new tokens are text after the visual input
             if self.config.cross_attn_decode_mode == "reference":
                 cross_attn_query_mask = None  # the reference zeroes decode-time cross-attention
@@ -415,7 +461,14 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithCrossAttentions(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
+        )
 
     def _dummy_visual_path(self, input_ids, inputs_embeds):
         """Run the vision path on one blank frame and add it with weight zero.
@@ -449,7 +502,9 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         """LLaVA-style ``generate(input_ids, images=[video])``: returns only the new tokens ``[B, N]``.
 
         Batches are left-padded after the fast tokens are merged, so prompts and videos of different lengths
-        can share a batch. ``visual_tokens`` (from [`encode_images`]) skips re-encoding the video.
+        can share a batch. ``visual_tokens`` (from [`encode_images`]) skips re-encoding the video. A prompt
+        longer than ``config.tokenizer_model_max_length`` (text + fast tokens) loses the end of its text, with
+        a warning, as in the reference; the visual tokens are never cut (see :func:`truncate_merged`).
         """
         if images is None and visual_tokens is None:
             return super().generate(inputs, **kwargs)
@@ -467,9 +522,10 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             images=images,
             visual_tokens=visual_tokens,
             padding_side="left",
+            max_length=self.config.tokenizer_model_max_length,
         )
         if kwargs.get("use_cache", True) and kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = SlowFastCache(config=self.config)
+            kwargs["past_key_values"] = self._generation_cache(mm.inputs_embeds.shape[1], kwargs)
         if mm.slow_tokens is not None:
             kwargs.update(
                 slow_tokens=mm.slow_tokens,
@@ -477,6 +533,25 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
                 cross_attn_query_mask=mm.cross_attn_query_mask,
             )
         return super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, **kwargs)
+
+    def _generation_cache(self, prompt_length: int, kwargs: dict) -> SlowFastCache | SlowFastStaticCache:
+        """The cache for a generation with visual input: a [`SlowFastCache`], or with
+        ``cache_implementation="static"`` (argument or generation config) a [`SlowFastStaticCache`] sized for the
+        prompt plus the new tokens. Pops ``cache_implementation`` from ``kwargs`` (transformers refuses it next
+        to a cache object)."""
+        config = kwargs.get("generation_config") or self.generation_config
+        implementation = kwargs.pop("cache_implementation", None) or getattr(config, "cache_implementation", None)
+        if implementation in (None, "dynamic"):
+            return SlowFastCache(config=self.config)
+        if implementation != "static":
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported with images or videos: use 'dynamic' "
+                "(default) or 'static' (fixed shapes, for compiled decoding)"
+            )
+        new_tokens = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        if new_tokens is None:  # max_length counts the prompt's tokens too; an upper bound is enough here
+            new_tokens = kwargs.get("max_length", getattr(config, "max_length", None) or 20)
+        return SlowFastStaticCache(config=self.config, max_cache_len=prompt_length + int(new_tokens))
 
     # -- training helpers ------------------------------------------------------------------------------
     def load_vision_tower_weights(self, source: str | None = None) -> None:
@@ -501,6 +576,43 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             params += list(attn.cross_attn_kv_proj.parameters())
             with _gathered(params):
                 attn.init_cross_attn_kv_from_lm(layout)
+
+
+def truncate_merged(token_types: torch.Tensor, max_length: int) -> int:
+    """How many positions of one merged sample (``token_types`` ``[L]``, text with fast tokens) to keep.
+
+    The reference keeps the first ``max_length`` positions of every merged sequence. Here the cut takes only
+    text after the last visual token, as training does (``llava.train.data.truncate_to_budget``): a
+    sample that fits is kept whole (``L``), otherwise its first ``max_length`` positions.
+
+    Raises:
+        ValueError: ``max_length`` is not positive, or it cannot hold the sample up to the end of its last
+            visual token (cutting there would feed the model part of a video; use fewer frames).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    length = int(token_types.shape[0])
+    if length <= max_length:
+        return length
+    visual = (token_types == TOKEN_TYPE_VISUAL).nonzero().flatten()
+    needed = int(visual[-1]) + 1 if len(visual) else 1
+    if needed > max_length:
+        raise ValueError(
+            f"the prompt takes {length} positions (text + fast tokens) but tokenizer_model_max_length is "
+            f"{max_length}, which cannot hold it up to the end of its visual tokens ({needed} positions); "
+            "sample fewer frames"
+        )
+    return max_length
+
+
+def _is_decode_step(cache) -> bool:
+    """Whether this call extends a prompt already in ``cache``. A slow-fast cache says so without reading a tensor
+    (a compiled decoding step must not sync on ``get_seq_length``)."""
+    if cache is None:
+        return False
+    if isinstance(cache, SlowKeyValues) and cache.has_slow:
+        return True
+    return cache.get_seq_length() > 0
 
 
 def _gathered(params):

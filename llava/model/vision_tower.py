@@ -69,6 +69,32 @@ def _rename_layer_scales(model: nn.Module) -> None:
                 block.register_parameter("weight", gamma)
 
 
+def _unused_head_as_buffers(model: nn.Module) -> None:
+    """Keep the classifier head's norm (present in the reference checkpoints, never used: features come from
+    the last stage) as buffers, so that it loads and saves under its names but is no parameter. A trainable
+    parameter without a gradient makes DDP fail when ``find_unused_parameters`` is off."""
+    head = getattr(model, "head", None)
+    for module in head.modules() if head is not None else ():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            with _full_parameter(param):  # under ZeRO-3 the parameter is already partitioned here
+                value = param.detach().clone()
+            del module._parameters[name]
+            module.register_buffer(name, value, persistent=True)
+
+
+def _full_parameter(param: nn.Parameter):
+    """A context in which a DeepSpeed ZeRO-3 partitioned parameter holds its full value (no-op otherwise)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param])
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
 def timm_to_reference_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename timm's ``stages.i.blocks.j.gamma`` to the reference's ``stages.i.blocks.j.weight``."""
     return {(k[: -len("gamma")] + "weight" if k.endswith(".gamma") else k): v for k, v in state_dict.items()}
@@ -101,6 +127,7 @@ class ConvNeXtVisionTower(nn.Module):
             output_stride=self.spec.output_stride,
         )
         _rename_layer_scales(self.vision_tower)
+        _unused_head_as_buffers(self.vision_tower)
         self.image_processor = build_image_processor(self.spec.image_size)
 
     @property

@@ -28,7 +28,14 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
-from llava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, template_stop, tokenizer_image_token
+from llava.mm_utils import (
+    KeywordsStoppingCriteria,
+    frame_count_warning,
+    get_model_name_from_path,
+    template_stop,
+    tokenizer_image_token,
+    trained_video_frames,
+)
 from llava.model.builder import load_pretrained_model
 from llava.serve.options import (
     ArgumentParser,
@@ -192,8 +199,14 @@ class ChatSession:
 
     @property
     def default_max_frames(self) -> int:
-        """Frames the model was trained with, or 64 when the checkpoint does not say."""
-        return getattr(self.model.config, "video_frames", None) or DEFAULT_MAX_FRAMES
+        """Frames the model was trained with (its config's ``video_frames``, else the reference trainer's
+        ``mm_training_video_frames``), or 64 when the checkpoint does not say."""
+        return trained_video_frames(self.model.config) or DEFAULT_MAX_FRAMES
+
+    def frame_count_warning(self, max_frames: int) -> str | None:
+        """Why ``max_frames`` frames per video may give worse answers than the trained count (None if it is
+        the trained count, or the checkpoint does not record one)."""
+        return frame_count_warning(max_frames, self.model.config)
 
     @property
     def turns(self) -> int:
@@ -377,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--question", default=None, help="the question (the first turn with --interactive)")
     parser.add_argument(
         "--max-frames", type=positive_int, default=None,
-        help="most frames to sample (default: the checkpoint's video_frames, else 64)",
+        help="most frames to sample (default: the checkpoint's trained count, video_frames or "
+        "mm_training_video_frames, else 64; another count is warned about)",
     )
     parser.add_argument("--fps", type=positive_float, default=None, help="sample at this rate, capped at --max-frames")
     parser.add_argument("--conv-mode", default="qwen_1_5", choices=sorted(conv_templates), help="prompt template")
@@ -517,8 +531,12 @@ def _run(args: argparse.Namespace) -> int:
         settings=GenerationSettings(args.temperature, args.top_p, args.max_new_tokens),
         context_len=context_len,
     )
+    max_frames = args.max_frames or session.default_max_frames
+    mismatch = session.frame_count_warning(max_frames)
+    if mismatch:
+        print(f"warning: {mismatch}", file=sys.stderr, flush=True)
     with _native_stderr_silenced(not verbose):
-        video = session.load_video(args.video, args.max_frames, fps=args.fps)
+        video = session.load_video(args.video, max_frames, fps=args.fps)
     _report_video(verbose, video)
 
     if args.interactive:

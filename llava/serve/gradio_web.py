@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from llava.conversation import conv_templates
-from llava.mm_utils import get_model_name_from_path
+from llava.mm_utils import frame_count_warning, get_model_name_from_path, trained_video_frames
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.serve.cli import AnswerStats, ChatSession, GenerationSettings, VideoStats
 from llava.serve.options import (
@@ -136,6 +136,7 @@ class UserState:
     video_name: str | None = None
     pending_clip: tuple[VideoClip, float] | None = None  # decoded, shown, not yet encoded
     pending_question: str | None = None
+    frame_warning: str | None = None  # shown under the video's status while its frame count is untrained
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -154,6 +155,7 @@ class UserState:
         self.session.video = None
         self.video_path = self.video_name = None
         self.pending_clip = None
+        self.frame_warning = None
         self.new_conversation()
 
 
@@ -162,7 +164,7 @@ class WebOptions:
     """Page settings: the upload limit and the sliders' initial values."""
 
     max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * MB)
-    max_frames: int | None = None  # None: the checkpoint's video_frames
+    max_frames: int | None = None  # None: the checkpoint's trained count (video_frames / mm_training_video_frames)
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 512
@@ -298,6 +300,11 @@ def stream_answer(session: ChatSession, question: str) -> Iterator[tuple[str, An
 # --------------------------------------------------------------------------------------------------- page
 
 
+def _with_warning(status: str, user: UserState) -> str:
+    """``status`` followed by the user's frame-count warning, if any."""
+    return f"{status}\n\n**Warning**: {user.frame_warning}" if user.frame_warning else status
+
+
 def _log_unexpected(err: Exception, what: str) -> None:
     """Log the traceback of an error that is not the user's doing (the page shows only its message)."""
     if not isinstance(err, (ValueError, torch.cuda.OutOfMemoryError)):
@@ -317,6 +324,16 @@ class _Handlers:
         self.shared = shared
         self.options = options
         self.skip: Callable[[], Any] = gr.skip
+        self._warned_frames: set[int] = set()  # frame counts already warned about in the server log
+
+    def frame_warning(self, max_frames: int) -> str | None:
+        """Why ``max_frames`` may answer worse than the checkpoint's trained count (None when it is that count);
+        logged once per count, shown on the page every time."""
+        message = frame_count_warning(max_frames, self.shared.model.config)
+        if message and max_frames not in self._warned_frames:
+            self._warned_frames.add(max_frames)
+            logger.warning("%d frames: %s", max_frames, message)
+        return message
 
     # -- video --------------------------------------------------------------------------------------------
     def decode(self, user: UserState, path: str | None, max_frames: float) -> tuple[Any, ...]:
@@ -335,7 +352,8 @@ class _Handlers:
                 return user, None, f"**Refused**: {err}", user.messages, "", None
             user.pending_clip = (clip, decode_s)
             user.video_path, user.video_name = path, name
-        status = f"**{name}**: {len(clip.frames)} frames decoded in {decode_s:.3f} s, encoding…"
+            user.frame_warning = self.frame_warning(int(max_frames))
+        status = _with_warning(f"**{name}**: {len(clip.frames)} frames decoded in {decode_s:.3f} s, encoding…", user)
         return user, frame_strip(clip), status, self.skip(), self.skip(), None
 
     def encode(self, user: UserState) -> tuple[Any, ...]:
@@ -356,7 +374,7 @@ class _Handlers:
                 return user, f"**Cannot encode the video**: {err}", user.messages, ""
             user.messages = []
             user.pending_question = None
-        return user, describe_video(user.video_name or "video", video), user.messages, ""
+        return user, _with_warning(describe_video(user.video_name or "video", video), user), user.messages, ""
 
     def use_demo(self, user: UserState, max_frames: float) -> tuple[Any, ...]:
         demo = self.options.demo_video
@@ -459,8 +477,11 @@ def build_demo(shared: SharedModel, options: WebOptions | None = None) -> Any:
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             with gr.Column(scale=1, min_width=280):
                 with gr.Accordion("Settings", open=True):
+                    trained = trained_video_frames(shared.model.config)
+                    trained_note = f"; trained with {trained}" if trained else ""
                     frames = gr.Slider(1, max(MAX_FRAMES_SLIDER, default_frames), value=default_frames, step=1,
-                                       label="Frames", info="sampled uniformly; a change re-reads the video")
+                                       label="Frames",
+                                       info=f"sampled uniformly; a change re-reads the video{trained_note}")
                     temperature = gr.Slider(0, 2, value=options.temperature, step=0.05,
                                             label="Temperature", info="0 is greedy")
                     top_p = gr.Slider(0.05, 1, value=options.top_p, step=0.05, label="Top-p")
@@ -507,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=positive_float, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"refuse uploads larger than this many MiB (default {DEFAULT_MAX_UPLOAD_MB:g})")
     parser.add_argument("--max-frames", type=positive_int, default=None,
-                        help="initial frame count (default: the checkpoint's video_frames, else 64)")
+                        help="initial frame count (default: the checkpoint's trained count, video_frames or "
+                             "mm_training_video_frames, else 64)")
     parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="initial temperature (0: greedy)")
     parser.add_argument("--top-p", type=probability, default=1.0, help="initial top-p (1: no nucleus sampling)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="initial answer length limit")

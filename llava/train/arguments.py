@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import transformers
 
+LOSS_REDUCTIONS = ("micro_batch", "token")
+
 
 @dataclass
 class ModelArguments:
@@ -37,13 +39,26 @@ class ModelArguments:
         metadata={"help": "Keep the hybrid layers' cross_attn_* parameters frozen. With a warm-up gate (zero at the "
                           "start) the model then trains on fast tokens only, a curriculum stage before the slow path."},
     )
-    mm_video_pooling_stride: int = field(default=2)
+    # Slow/fast token options. Unset (None) means: a new model takes the config's default (given in the help),
+    # stage 2 keeps the stage-1 checkpoint's value. Given, they override the checkpoint's config, as in the
+    # reference, whose SFT scripts repeat them.
+    mm_video_pooling_stride: int | None = field(
+        default=None, metadata={"help": "Spatial average pooling of every video frame's grid (new model: 2)."}
+    )
     mm_vision_chunk_frames: int | None = field(default=None, metadata={"help": "Encode at most this many frames at once."})
-    min_fast_frames: int = field(default=16)
+    min_fast_frames: int | None = field(
+        default=None, metadata={"help": "Fewest frames the fast tokens are pooled down to (new model: 16)."}
+    )
     tile_image_input: bool = field(default=False)
-    fast_token_spatial_stride: int = field(default=1)
-    fast_token_temporal_stride: int = field(default=4)
-    fast_token_temporal_sampling_stride: int = field(default=1)
+    fast_token_spatial_stride: int | None = field(
+        default=None, metadata={"help": "Spatial pooling of the fast tokens (new model: 1)."}
+    )
+    fast_token_temporal_stride: int | None = field(
+        default=None, metadata={"help": "Temporal average pooling of the fast tokens (new model: 4)."}
+    )
+    fast_token_temporal_sampling_stride: int | None = field(
+        default=None, metadata={"help": "Keep every n-th frame for the fast tokens before pooling (new model: 1)."}
+    )
     cross_attn_every_n_layers: int = field(default=8)
     cross_attn_min_layer_depth: int = field(default=0)
     cross_attn_max_layer_depth: int | None = field(default=None)
@@ -94,8 +109,22 @@ class TrainingArguments(transformers.TrainingArguments):
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "Warm-up as a fraction of the steps (the reference's name); sets warmup_steps."}
     )
+    loss_reduction: str = field(
+        default="micro_batch",
+        metadata={
+            "help": "How the token losses of one optimiser step are averaged. 'micro_batch' (default): each "
+            "micro-batch's loss is the mean over its supervised tokens, and the step's loss the mean of those "
+            "over the accumulation steps and devices, as in the reference (transformers 4.45), whose released "
+            "checkpoints and learning rates were obtained this way; with one sample per micro-batch (the SFT "
+            "recipe) a one-letter answer weighs as much as a long caption. 'token': the mean over every "
+            "supervised token of all accumulation steps and devices (transformers 5's default), which weighs "
+            "samples by their number of supervised tokens."
+        },
+    )
 
     def __post_init__(self):
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"--loss_reduction {self.loss_reduction!r}: must be one of {list(LOSS_REDUCTIONS)}")
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

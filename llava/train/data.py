@@ -79,10 +79,15 @@ class DataArguments:
         metadata={"help": "Load the samples' videos and images; when false every sample is treated as text only."},
     )
     image_folder: str | None = field(
-        default=None, metadata={"help": "Folder that relative 'image' paths of the annotations are resolved against."}
+        default=None,
+        metadata={
+            "help": "Folder that relative 'image' paths of the annotations are resolved against; also relative "
+            "'video' paths when no --video_folder is given (the reference's command lines pass only this one)."
+        },
     )
     video_folder: str | None = field(
-        default=None, metadata={"help": "Folder that relative 'video' paths of the annotations are resolved against."}
+        default=None,
+        metadata={"help": "Folder that relative 'video' paths are resolved against (default: --image_folder)."},
     )
     image_aspect_ratio: str = field(
         default="pad",
@@ -239,8 +244,9 @@ def load_annotations(
     must hold a JSON list. Every sample is checked: an object with ``conversations``, a non-empty list of
     ``{"from": "human"|"gpt"|"system", "value": str}`` turns alternating human/gpt (an optional leading
     system turn, a final gpt turn), and at most one of ``video`` / ``image`` (a string path; a visual sample
-    has at most one ``<image>`` marker). Relative ``video`` / ``image`` paths are joined to ``video_folder``
-    / ``image_folder`` when given.
+    has at most one ``<image>`` marker). Relative ``image`` paths are joined to ``image_folder`` and relative
+    ``video`` paths to ``video_folder``, or to ``image_folder`` when no ``video_folder`` is given (the
+    reference resolves both against its ``--image_folder``).
 
     Returns:
         The samples, as dicts, with resolved media paths.
@@ -271,12 +277,13 @@ def load_annotations(
     if not records:
         raise AnnotationError(f"{path}: contains no samples")
 
+    folders = {"video": video_folder or image_folder, "image": image_folder}
     samples = []
     for where, sample in records:
         problem = _sample_problem(sample)
         if problem:
             raise AnnotationError(f"{path}: {where}: {problem}")
-        for key, folder in (("video", video_folder), ("image", image_folder)):
+        for key, folder in folders.items():
             if sample.get(key) is None:
                 sample.pop(key, None)
             elif folder and not os.path.isabs(sample[key]):

@@ -49,11 +49,68 @@ _CONFIG_FIELDS = (
 )
 
 
+# Slow/fast options that a stage-2 command line sets over the stage-1 checkpoint's config when it gives them
+# (ModelArguments leaves them None otherwise). The architecture (hybrid layers, tower, projector) always comes
+# from the checkpoint.
+_STAGE2_MODEL_FIELDS = (
+    "fast_token_spatial_stride",
+    "fast_token_temporal_stride",
+    "fast_token_temporal_sampling_stride",
+    "mm_video_pooling_stride",
+    "min_fast_frames",
+    "mm_vision_chunk_frames",
+)
+
+
+def run_settings(data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    """Config fields that record how this run trains, set in either stage: the image padding, the length
+    budget and the frame count (``video_frames``, and ``mm_training_video_frames`` under the reference's name)."""
+    return {
+        "image_aspect_ratio": data_args.image_aspect_ratio,
+        "tokenizer_model_max_length": training_args.model_max_length,
+        "video_frames": data_args.video_frames,
+        "mm_training_video_frames": data_args.video_frames,
+    }
+
+
+def apply_stage2_settings(
+    config: LlavaQwenSlowFastConfig, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> dict[str, tuple]:
+    """Set the command line's slow/fast options and run settings on a stage-1 checkpoint's ``config``, as the
+    reference does, and log what changed.
+
+    Returns:
+        ``{field: (old, new)}`` for every field whose value changed.
+    """
+    wanted = {name: getattr(model_args, name) for name in _STAGE2_MODEL_FIELDS if getattr(model_args, name) is not None}
+    wanted.update(run_settings(data_args, training_args))
+    changed = {}
+    for name, value in wanted.items():
+        old = getattr(config, name, None)
+        if old != value:
+            changed[name] = (old, value)
+            setattr(config, name, value)
+    config.validate_slow_fast()
+    if changed:
+        logger.info(
+            "stage 2: the command line changes the checkpoint's config: %s",
+            ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items()),
+        )
+    else:
+        logger.info("stage 2: the checkpoint's config already has the command line's settings")
+    return changed
+
+
 def build_config(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
-    """A Slow-Fast config: the base LM's fields plus the multimodal arguments (stage 1), or the checkpoint's
-    own config (stage 2, where the architecture arguments must agree with it)."""
+    """A Slow-Fast config and whether the model is new.
+
+    Stage 1 (a Qwen2 causal LM): the LM's fields plus the multimodal arguments. Stage 2 (a Slow-Fast
+    checkpoint): the checkpoint's config with the command line's slow/fast options and run settings applied
+    (:func:`apply_stage2_settings`); its architecture arguments are ignored.
+    """
     base = AutoConfig.from_pretrained(model_args.model_name_or_path)
     if base.model_type == LlavaQwenSlowFastConfig.model_type:
+        apply_stage2_settings(base, model_args, data_args, training_args)
         return base, False
     if base.model_type != "qwen2":
         raise ValueError(
@@ -68,14 +125,13 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, training_
     fields = base.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map"):
         fields.pop(key, None)
-    fields.update({name: getattr(model_args, name) for name in _CONFIG_FIELDS})
+    # an unset option keeps the config's default
+    fields.update({name: getattr(model_args, name) for name in _CONFIG_FIELDS if getattr(model_args, name) is not None})
+    fields.update(run_settings(data_args, training_args))
     fields.update(
         mm_vision_tower=model_args.vision_tower,
         mm_vision_tower_overrides=model_args.tower_overrides(),
         vision_tower_pretrained=model_args.vision_tower_pretrained,
-        image_aspect_ratio=data_args.image_aspect_ratio,
-        video_frames=data_args.video_frames,
-        tokenizer_model_max_length=training_args.model_max_length,
         tokenizer_padding_side="right",
         architectures=["LlavaQwenSlowFastForCausalLM"],
     )

@@ -22,8 +22,24 @@ def parameter_group_of(name: str) -> str:
 
 
 class SlowFastTrainer(Trainer):
-    """Adds separate learning rates (``mm_projector_lr``, ``cross_attention_layer_lr``, ``vision_tower_lr``)
-    and ``group_by_modality_length`` sampling."""
+    """Adds separate learning rates (``mm_projector_lr``, ``cross_attention_layer_lr``, ``vision_tower_lr``),
+    ``group_by_modality_length`` sampling and the choice of loss normalisation (``loss_reduction``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        reduction = getattr(self.args, "loss_reduction", None)  # None: plain TrainingArguments, transformers' way
+        if reduction == "micro_batch":
+            # The Trainer normalises by the supervised tokens of the whole step (``num_items_in_batch``) only
+            # for a model that takes loss kwargs. Without them the model returns each micro-batch's mean, which
+            # the Trainer divides by the accumulation steps (DeepSpeed then does not scale it again) and DDP /
+            # DeepSpeed average over the devices: the reference's reduction under transformers 4.45.
+            self.model_accepts_loss_kwargs = False
+            self.loss_is_scaled_for_ga = False
+        elif reduction == "token" and not self.model_accepts_loss_kwargs:
+            raise ValueError(
+                "--loss_reduction token needs a model whose forward takes loss kwargs (num_items_in_batch); "
+                f"{type(self.model).__name__} does not"
+            )
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -9,9 +9,13 @@
 #                                                otherwise the checkpoint's own video_frames)
 #   NUM_PROCESSES data-parallel processes       (default: one per visible GPU, 1 without GPUs)
 #   BATCH_SIZE    requests per forward pass     (default 1)
-#   DECODE_MODE   reference | attend            (default reference: decoding exactly as the reported
-#                                                numbers were produced; attend = training-consistent)
-#   BACKEND       decord | pyav                 (default decord)
+#   PROTOCOL      default | reference           (default: default; reference = the reference wrapper's
+#                                                settings, which produced the reported numbers: PyAV at
+#                                                2 fps, fp16, centre-cropped images, reference decoding and
+#                                                generation settings; see README, "Evaluation protocols")
+#   DECODE_MODE   reference | attend            (default: the protocol's; set, it wins over the protocol)
+#   BACKEND       decord | pyav                 (default: the protocol's; set, it wins over the protocol)
+#   EXTRA_MODEL_ARGS more model arguments, last  (e.g. dtype=float32,max_new_tokens=32; they win)
 #   OUTPUT_DIR    where results are written     (default logs/eval)
 #   MAIN_PORT     accelerate's rendezvous port  (default 29517)
 # Extra arguments go to lmms-eval last, so they win (e.g. --limit 8, --log_samples).
@@ -45,21 +49,29 @@ if [[ -z "${NUM_PROCESSES:-}" ]]; then
     fi
 fi
 BATCH_SIZE="${BATCH_SIZE:-1}"
-DECODE_MODE="${DECODE_MODE:-reference}"
-BACKEND="${BACKEND:-decord}"
+PROTOCOL="${PROTOCOL:-default}"
 OUTPUT_DIR="${OUTPUT_DIR:-logs/eval}"
 PYTHON="${PYTHON:-python}"
 
-MODEL_ARGS="pretrained=${CKPT},video_decode_backend=${BACKEND},cross_attn_decode_mode=${DECODE_MODE},batch_size=${BATCH_SIZE}"
+MODEL_ARGS="pretrained=${CKPT},protocol=${PROTOCOL},batch_size=${BATCH_SIZE}"
+if [[ -n "${BACKEND:-}" ]]; then
+    MODEL_ARGS="${MODEL_ARGS},video_decode_backend=${BACKEND}"
+fi
+if [[ -n "${DECODE_MODE:-}" ]]; then
+    MODEL_ARGS="${MODEL_ARGS},cross_attn_decode_mode=${DECODE_MODE}"
+fi
 if [[ -n "$NUM_FRAMES" ]]; then
     MODEL_ARGS="${MODEL_ARGS},num_frames=${NUM_FRAMES}"
 fi
-LOG_NAME="$(basename "$CKPT")_${TASK}_f${NUM_FRAMES:-cfg}"
+if [[ -n "${EXTRA_MODEL_ARGS:-}" ]]; then
+    MODEL_ARGS="${MODEL_ARGS},${EXTRA_MODEL_ARGS}"
+fi
+LOG_NAME="$(basename "$CKPT")_${TASK}_f${NUM_FRAMES:-cfg}_${PROTOCOL}"
 
 LMMS_ARGS=(--model slowfast_videomllm --model_args "$MODEL_ARGS" --tasks "$TASK"
     --batch_size "$BATCH_SIZE" --log_samples --log_samples_suffix "$LOG_NAME" --output_path "$OUTPUT_DIR")
 
-echo "lmms-eval: task ${TASK}, checkpoint ${CKPT}, frames ${NUM_FRAMES:-from config}, ${NUM_PROCESSES} process(es)"
+echo "lmms-eval: task ${TASK}, checkpoint ${CKPT}, frames ${NUM_FRAMES:-from config}, protocol ${PROTOCOL}, ${NUM_PROCESSES} process(es)"
 # lmms-eval exits 0 after an error inside a task; checked_run makes that (or a missing results file) a failure
 # with the reason on the last line.
 if [[ "$NUM_PROCESSES" -gt 1 ]]; then
