@@ -149,7 +149,10 @@ def fps_frame_indices(total_frames: int, video_fps: float, fps: float, num_frame
     count = len(candidates)
     if count <= num_frames:
         return candidates
-    return [candidates[round((i + 1) * count / num_frames - 1)] for i in range(num_frames)]
+    # The ratio first, as the reference computes it: (i + 1) * count / num_frames rounds the other way at
+    # some ties (e.g. 104 candidates for 96 frames).
+    ratio = count / num_frames
+    return [candidates[round((i + 1) * ratio - 1)] for i in range(num_frames)]
 
 
 def load_video(

@@ -617,3 +617,14 @@ def test_demo_asset_is_the_rendered_demo_scene(tmp_path: Path) -> None:
     assert error < 4.0
     write_demo_video(tmp_path / "again.mp4")
     assert np.array_equal(load_video(tmp_path / "again.mp4", max_frames=64).frames, clip.frames)
+
+
+def test_fps_sampling_rounds_ties_as_the_reference_does():
+    # The reference computes the ratio len(candidates) / num_frames first, then round((i + 1) * ratio - 1);
+    # the other order of the float operations rounds some ties the other way (104 candidates for 96 frames).
+    for num_frames in (16, 24, 48, 64, 96, 128):
+        for count in range(num_frames + 1, 4 * num_frames):
+            ratio = count / num_frames
+            expected = [round((i + 1) * ratio - 1) * 2 for i in range(num_frames)]
+            assert fps_frame_indices(2 * count, 30.0, 15.0, num_frames) == expected, (count, num_frames)
+    assert fps_frame_indices(208, 30.0, 15.0, 96)[53] == 2 * 57  # (i + 1) * L / N - 1 would give 2 * 58
