@@ -38,6 +38,7 @@ HEADLINES = {
         "peak_mib_default",
         "peak_default_vs_none",
     ],
+    "serve": ["sequential_requests_per_s", "concurrent_requests_per_s", "sequential_ttft_ms", "concurrent_ttft_ms"],
 }
 ROW_NUMBERS = {
     "prefill": ["tflops_slow_fast", "tflops_baseline", "tflops_vision", "ms_slow_fast", "ms_baseline"],
@@ -45,6 +46,7 @@ ROW_NUMBERS = {
     "vision": ["chunked_peak_mib", "all_at_once_peak_mib", "chunked_fps", "all_at_once_fps"],
     "video": ["seconds", "sampled_fps"],
     "train": ["seconds_per_step", "tokens_per_s", "peak_mib"],
+    "serve": ["requests_per_s", "tokens_per_s", "ttft_ms_mean", "wall_s"],
 }
 
 

@@ -12,7 +12,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCKED_EXTRAS = ("train", "eval", "test", "bench", "demo")  # gpu (flash-attn) needs CUDA to build
+LOCKED_EXTRAS = ("train", "eval", "test", "bench", "demo", "serve")  # gpu (flash-attn) needs CUDA to build
 
 
 def project() -> dict:

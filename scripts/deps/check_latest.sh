@@ -18,7 +18,7 @@ OUT="${OUT:-logs/deps-latest}"
 mkdir -p "$OUT"
 VENV="$(mktemp -d)/venv"
 "${PYTHON:-python3}" -m venv "$VENV"
-"$VENV/bin/pip" install --quiet -e ".[train,eval,test,bench,demo]"
+"$VENV/bin/pip" install --quiet -e ".[train,eval,test,bench,demo,serve]"
 if [[ "${LIFT_UPPER:-0}" == "1" ]]; then
     CAPPED="$("$VENV/bin/python" - <<'PY'
 import tomllib

@@ -11,7 +11,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-EXTRAS="train,eval,test,bench,demo"
+EXTRAS="train,eval,test,bench,demo,serve"
 
 if [[ -z "${VENV:-}" ]]; then
     VENV="$(mktemp -d)/venv"
