@@ -2,7 +2,7 @@
 
     python -m playground.ablation [--work checkpoints/ablation] [--out assets/ablation]
 
-Three tiny models are trained the same way (``scripts/tiny/train_tiny.sh``: same data, same pretrained
+Four tiny models are trained the same way (``scripts/tiny/train_tiny.sh``: same data, same pretrained
 tower, same base, same optimiser, batch and number of steps), differing only in how the video reaches the
 language model:
 
@@ -10,14 +10,17 @@ language model:
   (the recipe of ``assets/tiny-slowfast``);
 * ``fast`` -- the same 64 fast tokens, no hybrid layers: the same token budget in the language model;
 * ``slow`` -- all 256 slow tokens in the language model as ordinary tokens, no hybrid layers (the
-  self-attention-only baseline).
+  self-attention-only baseline);
+* ``positions`` -- ``slowfast`` whose slow tokens also carry their frame's time and their row and column
+  (``--slow_token_position_encoding fourier_spacetime``: the recipe of ``assets/tiny-slowfast``).
 
 Each is scored on the test split per question family (``playground.evaluate_synthetic``), and its prefill
 is measured on the test videos: the tokens the language model reads, the slow tokens it cross-attends to,
 and the wall time of the language model's prefill (the video already encoded; every variant encodes the
 same frames with the same tower). The results go to ``OUT/ablation.json``, ``OUT/ablation.md`` and
 ``OUT/ablation.png``. Stages already done (a trained variant, its test score) are reused, so a stopped run
-resumes; ``--report-only`` redraws from what is there.
+resumes; ``--report-only`` redraws from what is there, and ``--merge`` keeps the rows of ``OUT/ablation.json``
+for the variants not named in ``--variants`` (to add one variant without training the others again).
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ VARIANTS: dict[str, str] = {
     "slowfast": "(a) slow-fast",
     "fast": "(b) fast tokens only",
     "slow": "(c) all slow tokens in the LM",
+    "positions": "(d) slow-fast, slow tokens with positions",
+}
+# How each variant is trained: train_tiny.sh's VARIANT and SLOW_POSITIONS.
+RECIPES: dict[str, tuple[str, str]] = {
+    "slowfast": ("slowfast", "none"),
+    "fast": ("fast", "none"),
+    "slow": ("slow", "none"),
+    "positions": ("slowfast", "fourier_spacetime"),
 }
 FAMILY_LABELS: dict[str, str] = {
     "video_color": "colour",
@@ -60,7 +71,9 @@ FAMILY_LABELS: dict[str, str] = {
 def train_variant(variant: str, work: Path, port: int) -> Path:
     """Run the recipe for ``variant`` (a no-op for the stages already done); returns its checkpoint folder."""
     out = work / variant
-    env = dict(os.environ, WORK=str(work / "shared"), VARIANT=variant, PYTHON=sys.executable, MASTER_PORT=str(port))
+    recipe, positions = RECIPES[variant]
+    env = dict(os.environ, WORK=str(work / "shared"), VARIANT=recipe, SLOW_POSITIONS=positions,
+               PYTHON=sys.executable, MASTER_PORT=str(port))  # fmt: skip
     subprocess.run(["bash", str(TRAIN_SCRIPT), str(out)], check=True, env=env, cwd=REPO_ROOT)
     return out
 
@@ -180,7 +193,7 @@ def draw_plot(results: dict[str, Any], path: Path) -> None:
     families = list(FAMILY_LABELS)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
     width = 0.8 / len(variants)
-    colors = {"slowfast": "#1f77b4", "fast": "#ff7f0e", "slow": "#2ca02c"}
+    colors = {"slowfast": "#1f77b4", "fast": "#ff7f0e", "slow": "#2ca02c", "positions": "#d62728"}
     for k, (name, r) in enumerate(variants.items()):
         xs = [i + (k - (len(variants) - 1) / 2) * width for i in range(len(families))]
         ys = [r["accuracy"].get(f, 0.0) for f in families]
@@ -230,12 +243,21 @@ def collect(work: Path, variants: list[str]) -> dict[str, Any]:
     return out
 
 
+def merged(previous: Path, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus the rows of the ``previous`` ablation.json for the variants ``new`` lacks, in table order."""
+    rows = json.loads(previous.read_text())["variants"] if previous.is_file() else {}
+    rows.update(new)
+    return {name: rows[name] for name in VARIANTS if name in rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m playground.ablation", description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="checkpoints/ablation", help="data, tower, runs and checkpoints")
     parser.add_argument("--out", default="assets/ablation", help="where ablation.{json,md,png} go")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--report-only", action="store_true", help="do not train: report what --work holds")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep OUT/ablation.json's rows for the variants not in --variants")
     parser.add_argument("--master-port", type=int, default=29517)
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
@@ -252,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "chance": {f: 100.0 / len(FAMILY_ANSWERS[f]) for f in FAMILY_LABELS},
         "flash_informed_guess": flash_informed_guess(work / "shared" / "data"),
-        "variants": collect(work, variants),
+        "variants": merged(out / "ablation.json", collect(work, variants)) if args.merge else collect(work, variants),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "command": " ".join(["python -m playground.ablation", *(argv if argv is not None else sys.argv[1:])]),
     }

@@ -1,27 +1,47 @@
 #!/usr/bin/env bash
 # Shared launcher for the training recipes: `launch_train STAGE_ARGS... -- EXTRA_ARGS...`.
 # Paths and launch settings come from the environment (defaults in brackets):
-#   MODEL, DATA_PATH, VIDEO_DIR, IMAGE_DIR [VIDEO_DIR], OUTPUT_DIR, NPROC_PER_NODE [GPUs, or 2 on CPU],
+#   MODEL, DATA_PATH (annotations, or a mixture file: see README "Data mixtures"), VIDEO_DIR, IMAGE_DIR [VIDEO_DIR],
+#   OUTPUT_DIR, NPROC_PER_NODE [GPUs, or 2 on CPU],
 #   NNODES [1], NODE_RANK [0], MASTER_ADDR [127.0.0.1], MASTER_PORT [29500], DEEPSPEED [the recipe's],
 #   PYTHON [python3].
 # Extra arguments go to the trainer after the recipe's, so they win.
 # Without CUDA the same recipe runs on CPU: DeepSpeed over gloo, no bf16/tf32.
+#
+# Stopping and resuming: SIGUSR1 or SIGTERM sent to this script, or to its whole process group (as Slurm does),
+# reaches the training processes, which finish their current step, save one complete checkpoint and stop;
+# torchrun itself ignores both (it would kill the workers 30 s after a SIGTERM). SIGINT (Ctrl-C) still stops
+# everything at once. Running the same command again resumes from the newest complete checkpoint.
+# Exit status: 0 training finished; 75 stopped early with a complete checkpoint (a signal or
+# --max_train_hours): run again to continue; anything else: the trainer or torchrun failed.
 set -euo pipefail
 SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+LAUNCH_STOPPED_STATUS=75
+
+# Send a stop signal on to the training processes: torchrun's children.
+_launch_forward_stop() {
+    _LAUNCH_INTERRUPTED=1
+    echo "launch_train: $1 received: the trainer finishes its step, saves a checkpoint and stops" >&2
+    pkill "-$1" -P "$_LAUNCH_AGENT_PID" 2>/dev/null || true
+}
 
 launch_train() {
     local recipe=()
     while [[ $# -gt 0 && "$1" != "--" ]]; do recipe+=("$1"); shift; done
     [[ $# -gt 0 ]] && shift
     : "${MODEL:?set MODEL to the starting checkpoint}"
-    : "${DATA_PATH:?set DATA_PATH to the annotation file (JSON or JSONL)}"
+    : "${DATA_PATH:?set DATA_PATH to the annotation file (JSON or JSONL) or a mixture file (YAML or JSON)}"
     : "${OUTPUT_DIR:?set OUTPUT_DIR}"
     local video_dir="${VIDEO_DIR:-}" image_dir="${IMAGE_DIR:-${VIDEO_DIR:-}}"
     local device_args=()
     local python="${PYTHON:-python3}"
-    if "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-        local gpus
-        gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())')
+    local gpus=0
+    # CUDA_VISIBLE_DEVICES set but empty hides every GPU: no need to ask torch
+    if [[ "${CUDA_VISIBLE_DEVICES-unset}" != "" ]]; then
+        gpus=$("$python" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' \
+            2>/dev/null) || gpus=0
+    fi
+    if [[ "$gpus" =~ ^[1-9][0-9]*$ ]]; then
         NPROC_PER_NODE="${NPROC_PER_NODE:-$gpus}"
         device_args=(--bf16 True --tf32 True)
     else
@@ -33,10 +53,35 @@ launch_train() {
     [[ -n "$video_dir" ]] && paths+=(--video_folder "$video_dir")
     [[ -n "$image_dir" ]] && paths+=(--image_folder "$image_dir")
     [[ -n "${DEEPSPEED:-}" ]] && recipe+=(--deepspeed "$DEEPSPEED")
-    exec "$python" -m torch.distributed.run \
-        --nproc_per_node "$NPROC_PER_NODE" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
-        --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-        -m llava.train.train "${paths[@]}" "${recipe[@]}" "${device_args[@]}" "$@"
+    # torchrun ignores SIGTERM and SIGUSR1 (inherited SIG_IGN; PET_SIGNALS_TO_HANDLE keeps it from installing
+    # its own SIGTERM handler); the trainer installs its own handlers.
+    _LAUNCH_AGENT_PID=""
+    trap '' TERM USR1
+    (
+        export PET_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT"
+        exec "$python" -m torch.distributed.run \
+            --nproc_per_node "$NPROC_PER_NODE" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+            --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+            -m llava.train.train "${paths[@]}" "${recipe[@]}" "${device_args[@]}" "$@"
+    ) &
+    _LAUNCH_AGENT_PID=$!
+    trap '_launch_forward_stop USR1' USR1
+    trap '_launch_forward_stop TERM' TERM
+    local status
+    while :; do
+        _LAUNCH_INTERRUPTED=0
+        status=0
+        wait "$_LAUNCH_AGENT_PID" || status=$?
+        # a trapped signal interrupts `wait`; wait again for torchrun's own status
+        (( _LAUNCH_INTERRUPTED )) || break
+    done
+    trap - USR1 TERM
+    if (( status == 0 )) && grep -qs '"status": "stopped"' "$OUTPUT_DIR/run_status.json"; then
+        echo "launch_train: stopped early with a complete checkpoint in $OUTPUT_DIR;" \
+            "run the same command again to resume (exit status $LAUNCH_STOPPED_STATUS)" >&2
+        return "$LAUNCH_STOPPED_STATUS"
+    fi
+    return "$status"
 }
 
 # The reference's recipes (its scripts/pretrain and scripts/finetune at commit 69676a1): stage 1 trains the
@@ -72,3 +117,51 @@ FINETUNE_ARGS=(
     --gradient_checkpointing True --save_strategy steps --save_steps 500 --save_total_limit 1
     --logging_steps 1 --dataloader_num_workers 12 --lazy_preprocess True --report_to none
 )
+
+# Under Slurm (sbatch): run RECIPE once per node, one torchrun each, rendezvous on the first node:
+# `slurm_train RECIPE [TRAINER_ARGS...]`. A SIGUSR1 or SIGTERM reaching this batch shell (#SBATCH
+# --signal=B:USR1@300, or preemption) is sent on to the job step with scancel; when the run stops early with a
+# checkpoint (status 75) the job requeues itself (it needs #SBATCH --requeue) and resumes when it starts again.
+# With --kill-on-bad-exit, the first node to exit 75 may get the others killed as they exit, so the step's
+# status can be a signal's: OUTPUT_DIR/run_status.json (removed before the step starts) then decides.
+_slurm_forward_stop() {
+    _SLURM_INTERRUPTED=1
+    echo "slurm_train: $1 received: forwarding it to the training step" >&2
+    scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || kill "-$1" "$_SLURM_STEP_PID" 2>/dev/null || true
+}
+
+slurm_train() {
+    local recipe="$1"
+    shift
+    : "${SLURM_JOB_ID:?slurm_train runs inside a Slurm batch job (sbatch)}"
+    export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
+    export MASTER_PORT="${MASTER_PORT:-29500}"
+    export NNODES="${SLURM_NNODES:-1}"
+    export NPROC_PER_NODE="${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
+    echo "slurm_train: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}), $NNODES node(s), $recipe" >&2
+    local run_status="${OUTPUT_DIR:+$OUTPUT_DIR/run_status.json}"
+    [[ -n "$run_status" ]] && rm -f "$run_status"
+    _SLURM_STEP_PID=""
+    trap '_slurm_forward_stop USR1' USR1
+    trap '_slurm_forward_stop TERM' TERM
+    srun --kill-on-bad-exit=1 bash -c 'NODE_RANK=$SLURM_NODEID exec bash "$0" "$@"' "$recipe" "$@" &
+    _SLURM_STEP_PID=$!
+    local status
+    while :; do
+        _SLURM_INTERRUPTED=0
+        status=0
+        wait "$_SLURM_STEP_PID" || status=$?
+        (( _SLURM_INTERRUPTED )) || break
+    done
+    trap - USR1 TERM
+    if (( status != 0 && status != LAUNCH_STOPPED_STATUS )) && [[ -n "$run_status" ]] \
+        && grep -qs '"status": "stopped"' "$run_status"; then
+        echo "slurm_train: the step exited with $status, but the run had stopped with a complete checkpoint" >&2
+        status=$LAUNCH_STOPPED_STATUS
+    fi
+    if (( status == LAUNCH_STOPPED_STATUS )); then
+        echo "slurm_train: stopped early with a complete checkpoint: requeueing job $SLURM_JOB_ID" >&2
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+    return "$status"
+}

@@ -18,6 +18,7 @@ from playground.ablation import (
     draw_plot,
     flash_informed_guess,
     measure_prefill,
+    merged,
     render_markdown,
 )
 from playground.demo_video import DEMO_QUESTIONS
@@ -80,6 +81,7 @@ def test_committed_checkpoint_is_small_fp16_and_self_contained():
     config = json.loads((TINY / "config.json").read_text())
     assert config["vision_tower_pretrained"] is None
     assert config["cross_attn_max_layer_depth"] is None and config["cross_attn_every_n_layers"] == 1
+    assert config["slow_token_position_encoding"] == "fourier_spacetime"
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja"):
         assert (TINY / name).is_file(), name
 
@@ -137,6 +139,9 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
     assert _dtypes(out) == {torch.float16}
     config = json.loads((out / "config.json").read_text())
     assert config["fast_token_spatial_stride"] == 2 and config["fast_token_temporal_stride"] == 1
+    assert config["slow_token_position_encoding"] == "fourier_spacetime"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert "model.slow_token_position_encoding.weight" in f.keys()
     assert json.loads((out / "eval_test.json").read_text())["split"] == "test"
     bad = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)], env={**env, "VARIANT": "huge"},
                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
@@ -148,13 +153,14 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
 
 
 def _variant_checkpoints(root: Path) -> dict[str, Path]:
-    """Tiny random checkpoints shaped like the ablation's three variants (16 frames, 16 slow tokens a frame)."""
+    """Tiny random checkpoints shaped like the ablation's four variants (16 frames, 16 slow tokens a frame)."""
     spec = TinySpec(frames=16, vision_output_stride=8, temporal_stride=4, min_fast_frames=4, cross_attn_every_n_layers=1)
     base = Path(write_tiny_checkpoint(str(root / "slowfast"), spec))
     out = {"slowfast": base}
     for name, changes in {
         "fast": {"cross_attn_max_layer_depth": 0},
         "slow": {"cross_attn_max_layer_depth": 0, "fast_token_temporal_stride": 1, "fast_token_spatial_stride": 1},
+        "positions": {"slow_token_position_encoding": "fourier_spacetime"},
     }.items():
         path = Path(write_tiny_checkpoint(str(root / name), spec))
         config = json.loads((path / "config.json").read_text())
@@ -172,7 +178,8 @@ def test_measure_prefill_counts_each_variants_tokens(tmp_path):
     p = {name: measure_prefill(path, data, videos=1, repeats=1) for name, path in checkpoints.items()}
 
     # 16 frames: 4 x 16 fast tokens; 256 slow tokens, cross-attended or read as ordinary tokens.
-    assert p["slowfast"]["cross_attended_slow_tokens"] == 256
+    assert p["slowfast"]["cross_attended_slow_tokens"] == p["positions"]["cross_attended_slow_tokens"] == 256
+    assert p["slowfast"]["lm_prefill_tokens"] == p["positions"]["lm_prefill_tokens"]
     assert p["fast"]["cross_attended_slow_tokens"] == p["slow"]["cross_attended_slow_tokens"] == 0
     assert p["slowfast"]["lm_prefill_tokens"] == p["fast"]["lm_prefill_tokens"]
     assert p["slow"]["lm_prefill_tokens"] - p["fast"]["lm_prefill_tokens"] == 256 - 64
@@ -197,6 +204,17 @@ def test_ablation_report_has_a_row_per_variant_and_a_plot(tmp_path):
     assert "(a) slow-fast" in rows[2] and "52.0 %" in rows[4] and "4.50" in rows[4]
     assert "flash (detail) (chance 20 %)" in rows[0]
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+def test_merge_keeps_the_previous_rows_of_variants_not_rerun_in_table_order(tmp_path):
+    previous = tmp_path / "ablation.json"
+    previous.write_text(json.dumps({"variants": {"slowfast": {"row": "old a"}, "fast": {"row": "old b"}}}))
+
+    rows = merged(previous, {"positions": {"row": "new d"}, "slowfast": {"row": "new a"}})
+
+    assert list(rows) == ["slowfast", "fast", "positions"]
+    assert rows["slowfast"]["row"] == "new a" and rows["fast"]["row"] == "old b"
+    assert merged(tmp_path / "missing.json", {"fast": {"row": "b"}}) == {"fast": {"row": "b"}}
 
 
 def test_flash_informed_guess_rules_out_the_shapes_colours(tmp_path):

@@ -16,8 +16,9 @@ import torch
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.tiny import TinySpec, write_tiny_checkpoint, write_tower_file
 from llava.train.arguments import ModelArguments, TrainingArguments
+from llava.train.checkpoints import checkpoint_problem
 from llava.train.data import DataArguments, DataCollatorForSupervisedDataset
-from llava.train.train import build_config, build_model, last_checkpoint, set_trainable, train
+from llava.train.train import build_config, build_model, last_checkpoint, main, set_trainable, train
 from llava.train.trainer import SlowFastTrainer, parameter_group_of
 
 from conftest import prompt_ids, random_video, tiny_model
@@ -181,6 +182,23 @@ def test_interrupted_run_resumes_from_last_checkpoint(base_dir, data_dir, tmp_pa
     assert state["global_step"] == 4
     steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     assert steps == [1, 2, 3, 4]
+
+
+def test_time_budget_stops_after_a_step_with_a_checkpoint_and_exit_status_75(base_dir, data_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    out = tmp_path / "run"
+    # 0.36 s, spent before the first step ends; a stop saves a checkpoint even with --save_strategy no
+    argv = common_argv(base_dir, data_dir, out) + ["--max_steps", "4", "--save_strategy", "no",
+                                                   "--max_train_hours", "0.0001", "--stop_margin_minutes", "0"]
+    assert main(argv) == 75
+    status = json.loads((out / "run_status.json").read_text())
+    assert (status["status"], status["global_step"]) == ("stopped", 1)
+    assert checkpoint_problem(out / "checkpoint-1") is None
+    assert not (out / "model.safetensors").exists()
+    assert main(common_argv(base_dir, data_dir, out) + ["--max_steps", "2", "--save_strategy", "no"]) == 0
+    assert json.loads((out / "run_status.json").read_text())["status"] == "finished"
+    steps = [e["step"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert steps == [1, 2]
 
 
 def test_output_is_a_complete_checkpoint(base_dir, data_dir, tmp_path):

@@ -542,6 +542,21 @@ def test_grouped_sampler_is_deterministic_for_a_seeded_generator():
     assert first == second
 
 
+def test_seeded_grouped_sampler_draws_each_epoch_from_the_seed_and_the_epoch_only():
+    lengths = _mixed_lengths()
+    sampler = LengthGroupedSampler(2, 2, lengths, seed=11)
+    epoch0 = list(sampler)
+    assert list(sampler) == epoch0
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch1 != epoch0 and sorted(epoch1) == list(range(len(lengths)))
+    # a resumed run builds a new sampler: set to the same epoch it draws the same order, whatever torch's RNG
+    resumed = LengthGroupedSampler(2, 2, lengths, seed=11)
+    resumed.set_epoch(1)
+    torch.manual_seed(123)
+    assert list(resumed) == epoch1
+
+
 def test_make_supervised_data_module_wires_dataset_and_collator(tmp_path, tokenizer, processor, model_config):
     data_path = _write_json(tmp_path / "d.json", [{"conversations": _qa()}])
     args = DataArguments(data_path=str(data_path))

@@ -10,6 +10,7 @@ SUPPORTED_VISION_TOWERS = ("convnext-576",)
 SUPPORTED_PROJECTORS = ("mlp2x_gelu", "linear", "identity")
 CROSS_ATTN_DECODE_MODES = ("attend", "reference")
 CROSS_ATTN_KV_INIT_LAYOUTS = ("per_head", "reference")
+SLOW_TOKEN_POSITION_ENCODINGS = ("none", "fourier", "fourier_spacetime")
 _OVERRIDE_KEYS = {"depths", "dims", "image_size", "norm_eps", "output_stride"}
 
 
@@ -69,6 +70,10 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
             longer prompt's text to it, as the reference does.
         cross_attn_decode_mode: ``"attend"`` (decode tokens read the slow tokens, as in training) or
             ``"reference"`` (they do not, which reproduces the reference's outputs).
+        slow_token_position_encoding: ``"none"`` (the reference: slow tokens carry no time or place),
+            ``"fourier"`` or ``"fourier_spacetime"``: each slow token gets its frame's time (a fraction of the
+            clip) and its row and column in the grid, through a learned map that starts at zero (see
+            ``llava.model.slow_fast.SlowTokenPositionEncoding``).
     """
 
     model_type = "llava_qwen_slow_fast"
@@ -116,6 +121,7 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
     cross_attn_implementation: str = "text-only-vanilla-flashattn"
     cross_attn_gating_type: str = "whole-dynamic-tanh-warmup"
     cross_attn_decode_mode: str = "attend"
+    slow_token_position_encoding: str = "none"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -197,6 +203,8 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
             raise ValueError(f"{type(self).__name__}.{err}") from None
         if self.cross_attn_decode_mode not in CROSS_ATTN_DECODE_MODES:
             raise bad("cross_attn_decode_mode", f"must be one of {list(CROSS_ATTN_DECODE_MODES)}")
+        if self.slow_token_position_encoding not in SLOW_TOKEN_POSITION_ENCODINGS:
+            raise bad("slow_token_position_encoding", f"must be one of {list(SLOW_TOKEN_POSITION_ENCODINGS)}")
         if self.image_aspect_ratio not in ("pad", "square", "original", "resize"):
             raise bad("image_aspect_ratio", "must be 'pad' or 'square' (others are treated as 'square')")
         if self.tokenizer_padding_side not in ("left", "right"):

@@ -41,7 +41,7 @@ from .cache import SlowFastCache, SlowFastStaticCache, SlowKeyValues
 from .configuration_llava_qwen_slow_fast import CROSS_ATTN_KV_INIT_LAYOUTS, LlavaQwenSlowFastConfig
 from .hybrid_layer import SlowCrossAttention, SlowFastAttention, SlowFastDecoderLayer, cross_attn_query_mask
 from .projector import ProjectorLinear, build_projector
-from .slow_fast import SlowFastParams, SlowFastTokens, split_slow_fast
+from .slow_fast import SlowFastParams, SlowFastTokens, SlowTokenPositionEncoding, split_slow_fast
 from .vision_tower import ConvNeXtVisionTower, _ConvNeXtBlockWeightNamed
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ class LlavaQwenSlowFastPreTrainedModel(Qwen2PreTrainedModel):
             init.zeros_(module.cross_attn_warm_up_gate)
         if isinstance(module, _ConvNeXtBlockWeightNamed) and module.gamma is not None:
             init.constant_(module.gamma, 1e-6)
+        if isinstance(module, SlowTokenPositionEncoding):
+            init.zeros_(module.weight)  # starts as a no-op: a loaded checkpoint computes what it did without it
         if isinstance(module, ProjectorLinear):
             # nn.Linear.reset_parameters, through transformers' init (which leaves loaded weights alone)
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
@@ -145,6 +147,11 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
                     f"{self.vision_tower.hidden_size} (mm_vision_tower_overrides={config.mm_vision_tower_overrides})"
                 )
             self.mm_projector = build_projector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
+        self.slow_token_position_encoding = None
+        if config.slow_token_position_encoding != "none":
+            self.slow_token_position_encoding = SlowTokenPositionEncoding(
+                config.slow_token_position_encoding, config.hidden_size
+            )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -274,7 +281,8 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         return torch.cat(parts, dim=0)
 
     def encode_images(self, images) -> list[SlowFastTokens]:
-        """One [`SlowFastTokens`] per visual item (video ``[T, 3, S, S]`` or image ``[3, S, S]``)."""
+        """One [`SlowFastTokens`] per visual item (video ``[T, 3, S, S]`` or image ``[3, S, S]``). With
+        ``config.slow_token_position_encoding`` the slow tokens already carry their time and place."""
         items = _as_frame_stacks(images)
         tower = self.get_vision_tower()
         size = tower.spec.image_size
@@ -286,7 +294,12 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
                 )
         frames = torch.cat(items, 0).to(device=tower.device, dtype=tower.dtype)
         features = self.encode_frames(frames).split([item.shape[0] for item in items])
-        return [split_slow_fast(f, self.slow_fast_params) for f in features]
+        tokens = [split_slow_fast(f, self.slow_fast_params) for f in features]
+        encoding = self.model.slow_token_position_encoding
+        if encoding is not None:
+            for t in tokens:
+                t.slow = encoding(t.slow, t.slow_positions)
+        return tokens
 
     # -- merging fast tokens into the text -------------------------------------------------------------
     def prepare_multimodal_inputs(
@@ -477,11 +490,13 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         parameters: the loss of a stage-1 batch would have no gradient, and under ZeRO-3 the ranks would
         disagree on which parameters to gather.
         """
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
         tower = self.get_vision_tower()
         size = tower.spec.image_size
+        # The tower before the embeddings, in the order of a batch with visual input: under ZeRO-3 every rank
+        # must gather the same parameters in the same order, whichever kind of batch it got.
         tokens = self.encode_images([torch.zeros(1, 3, size, size, device=tower.device, dtype=tower.dtype)])[0]
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         inputs_embeds = inputs_embeds + 0.0 * tokens.fast.sum().to(inputs_embeds.dtype)
         batch = inputs_embeds.shape[0]
         slow = tokens.slow.to(inputs_embeds.dtype)[None].expand(batch, -1, -1)

@@ -59,6 +59,11 @@ class ModelArguments:
     fast_token_temporal_sampling_stride: int | None = field(
         default=None, metadata={"help": "Keep every n-th frame for the fast tokens before pooling (new model: 1)."}
     )
+    slow_token_position_encoding: str | None = field(
+        default=None,
+        metadata={"help": "Give each slow token its frame's time and grid row/column: none, fourier or "
+                          "fourier_spacetime (new model: none). Starts as a no-op; trained with the projector."},
+    )
     cross_attn_every_n_layers: int = field(default=8)
     cross_attn_min_layer_depth: int = field(default=0)
     cross_attn_max_layer_depth: int | None = field(default=None)
@@ -122,7 +127,26 @@ class TrainingArguments(transformers.TrainingArguments):
         },
     )
 
+    max_train_hours: float | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock budget of this process, in hours from its start: the run saves a checkpoint and "
+            "stops (exit status 75) once the time left would not cover one more step and a save."
+        },
+    )
+    stop_margin_minutes: float = field(
+        default=5.0,
+        metadata={
+            "help": "With --max_train_hours: minutes kept for the final save, on top of the longest step so far "
+            "(the longest save of this run replaces it when longer)."
+        },
+    )
+
     def __post_init__(self):
+        if self.max_train_hours is not None and not self.max_train_hours > 0:
+            raise ValueError(f"--max_train_hours must be positive, got {self.max_train_hours}")
+        if not self.stop_margin_minutes >= 0:
+            raise ValueError(f"--stop_margin_minutes must be >= 0, got {self.stop_margin_minutes}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"--loss_reduction {self.loss_reduction!r}: must be one of {list(LOSS_REDUCTIONS)}")
         if self.warmup_ratio is not None:

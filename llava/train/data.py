@@ -6,6 +6,7 @@ A training set is a JSON list (or a JSON Lines file) of samples::
      "conversations": [{"from": "human", "value": "<image>\\nWhat happens?"},
                        {"from": "gpt", "value": "A dog runs."}]}
 
+A mixture file (:mod:`llava.train.mixture`) combines several such files, each with its own folders and amount.
 :func:`load_annotations` validates every sample when training starts, :class:`LazySupervisedDataset`
 decodes the media and tokenises one sample at a time (replacing samples that cannot be loaded),
 :class:`DataCollatorForSupervisedDataset` pads a batch, and :class:`LengthGroupedSampler` orders the
@@ -45,6 +46,7 @@ __all__ = [
     "get_length_grouped_indices",
     "get_modality_length_grouped_indices",
     "load_annotations",
+    "load_training_samples",
     "make_supervised_data_module",
     "normalize_image_markers",
     "preprocess_qwen",
@@ -69,7 +71,12 @@ IMAGE_ASPECT_RATIOS = ("pad", "square", "resize", "original")
 class DataArguments:
     """Data options of the training command line (parsed by ``transformers.HfArgumentParser``)."""
 
-    data_path: str = field(metadata={"help": "Training annotations: a JSON list or a JSON Lines (.jsonl) file."})
+    data_path: str = field(
+        metadata={
+            "help": "Training annotations: a JSON list or a JSON Lines (.jsonl) file, or a mixture file (YAML, or "
+            "a JSON object with 'sources') listing several annotation files with their own folders and amounts."
+        }
+    )
     lazy_preprocess: bool = field(
         default=True,
         metadata={"help": "Kept for command-line compatibility: samples are always decoded and tokenised lazily."},
@@ -290,6 +297,29 @@ def load_annotations(
                 sample[key] = os.path.join(folder, sample[key])
         samples.append(sample)
     return samples
+
+
+def load_training_samples(data_path: str, data_args: DataArguments, seed: int = 0) -> tuple[list[dict], list[Any]]:
+    """The training samples of ``data_path``: one annotation file, or every source of a mixture file.
+
+    Logs the number of samples (per source for a mixture).
+
+    Returns:
+        ``(samples, sources)``: the samples with resolved media paths, and one
+        :class:`llava.train.mixture.SourceSummary` per source (one for a plain annotation file).
+
+    Raises:
+        AnnotationError: see :func:`load_annotations` and :func:`llava.train.mixture.load_mixture`.
+    """
+    from .mixture import SourceSummary, is_mixture_file, load_mixture
+
+    folders = {"video_folder": data_args.video_folder, "image_folder": data_args.image_folder}
+    if is_mixture_file(data_path):
+        return load_mixture(data_path, seed=seed, **folders)
+    samples = load_annotations(data_path, **folders)
+    logger.info("%d training samples from %s", len(samples), data_path)
+    name = os.path.splitext(os.path.basename(os.fspath(data_path)))[0]
+    return samples, [SourceSummary(name, os.fspath(data_path), len(samples), len(samples), "all")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,10 +604,12 @@ class LazySupervisedDataset(Dataset):
         data_args: DataArguments,
         model_config: Any,
         max_length: int | None = None,
+        seed: int = 0,
     ) -> None:
         """
         Args:
-            data_path: annotation file (see :func:`load_annotations`).
+            data_path: annotation file (see :func:`load_annotations`) or mixture file
+                (see :mod:`llava.train.mixture`).
             tokenizer: a Qwen2 (ChatML) tokenizer.
             image_processor: CLIP-style processor; its crop size is the frame size ``S``.
             data_args: data options.
@@ -585,14 +617,13 @@ class LazySupervisedDataset(Dataset):
                 tower's image size (checked against the processor) and ``tokenizer_model_max_length``.
             max_length: the language model's budget of positions; defaults to
                 ``model_config.tokenizer_model_max_length``, then ``tokenizer.model_max_length``.
+            seed: seed of a mixture's draws when the mixture file gives none.
         """
         super().__init__()
         self.data_args = data_args
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.samples = load_annotations(
-            data_path, video_folder=data_args.video_folder, image_folder=data_args.image_folder
-        )
+        self.samples, self.sources = load_training_samples(data_path, data_args, seed=seed)
         self.max_length = _resolve_max_length(max_length, model_config, tokenizer)
         self.image_size = _processor_image_size(image_processor)
         output_stride = 32
@@ -873,8 +904,10 @@ def get_modality_length_grouped_indices(
 class LengthGroupedSampler(Sampler[int]):
     """Order samples so that batches hold similar lengths (and, by default, a single modality).
 
-    Every epoch is a fresh permutation (drawn from ``generator``, or torch's global RNG) covering every
-    index exactly once; see :func:`get_modality_length_grouped_indices`.
+    Every epoch is a fresh permutation covering every index exactly once; see
+    :func:`get_modality_length_grouped_indices`. With ``seed``, epoch ``e``'s permutation depends on
+    ``seed + e`` only (set by :meth:`set_epoch`), so every process draws the same order and a resumed run
+    draws the order of the epoch it resumes in; otherwise it comes from ``generator``, or torch's global RNG.
     """
 
     def __init__(
@@ -884,6 +917,7 @@ class LengthGroupedSampler(Sampler[int]):
         lengths: Sequence[int] | None = None,
         group_by_modality: bool = True,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
     ) -> None:
         """
         Args:
@@ -892,23 +926,35 @@ class LengthGroupedSampler(Sampler[int]):
             lengths: per-sample lengths; with ``group_by_modality`` signed (visual > 0, text-only < 0),
                 e.g. ``dataset.modality_lengths``.
             group_by_modality: keep visual and text-only samples in separate mega-batches.
-            generator: source of randomness.
+            generator: source of randomness when no ``seed`` is given.
+            seed: draw epoch ``e`` from a generator seeded with ``seed + e``.
         """
         if lengths is None:
             raise ValueError("LengthGroupedSampler needs lengths (e.g. dataset.modality_lengths)")
+        if seed is not None and generator is not None:
+            raise ValueError("LengthGroupedSampler takes a seed or a generator, not both")
         self.lengths = list(lengths)
         _check_grouping_args(self.lengths, batch_size, world_size)
         self.batch_size = batch_size
         self.world_size = world_size
         self.group_by_modality = group_by_modality
         self.generator = generator
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the next iteration's order for ``epoch`` (with a ``seed``)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self):
         grouping = get_modality_length_grouped_indices if self.group_by_modality else get_length_grouped_indices
-        return iter(grouping(self.lengths, self.batch_size, self.world_size, self.generator))
+        generator = self.generator
+        if self.seed is not None:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(grouping(self.lengths, self.batch_size, self.world_size, generator))
 
 
 def make_supervised_data_module(
@@ -917,11 +963,13 @@ def make_supervised_data_module(
     data_args: DataArguments,
     model_config: Any,
     max_length: int | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """The training set and collator for ``transformers.Trainer``:
-    ``{"train_dataset", "eval_dataset": None, "data_collator"}``."""
+    ``{"train_dataset", "eval_dataset": None, "data_collator"}``. ``seed``: a mixture's draws (when its file
+    gives none)."""
     train_dataset = LazySupervisedDataset(
-        data_args.data_path, tokenizer, image_processor, data_args, model_config, max_length=max_length
+        data_args.data_path, tokenizer, image_processor, data_args, model_config, max_length=max_length, seed=seed
     )
     return {
         "train_dataset": train_dataset,

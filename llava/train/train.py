@@ -4,16 +4,24 @@
         --model_name_or_path Qwen/Qwen2-7B-Instruct --tune_mm_mlp_adapter True ... --output_dir out/stage1
 
 The output folder is a complete checkpoint (config, weights, tokenizer, image processor) that
-``load_pretrained_model`` and the CLI load directly. A run whose output folder holds ``checkpoint-*`` resumes
-from the last one.
+``load_pretrained_model`` and the CLI load directly. A run whose output folder holds complete ``checkpoint-*``
+folders resumes from the newest one (:mod:`llava.train.checkpoints`).
+
+On ``SIGUSR1`` or ``SIGTERM``, or before ``--max_train_hours`` runs out, every process finishes its step, one
+complete checkpoint is saved and the run stops (:mod:`llava.train.stopping`). Exit status: 0 when training
+finished, :data:`~llava.train.stopping.STOPPED_EXIT_STATUS` (75) when it stopped early with a checkpoint (run
+the same command again to continue), 2 for bad arguments or data. Under torchrun, which reports any non-zero
+worker status as a crash, an early stop exits with 0; ``OUTPUT_DIR/run_status.json`` records the outcome either
+way (``scripts/launch_train.sh`` turns it into status 75).
 """
 
 from __future__ import annotations
 
-import glob
+import json
 import logging
 import os
 import sys
+import time
 
 import torch
 import transformers
@@ -21,10 +29,13 @@ from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
 
 from llava.model import LlavaQwenSlowFastConfig, LlavaQwenSlowFastForCausalLM
 from llava.train.arguments import ModelArguments, TrainingArguments
+from llava.train.checkpoints import checkpoint_problem, find_resume_checkpoint
 from llava.train.data import DataArguments, make_supervised_data_module
+from llava.train.stopping import STOPPED_EXIT_STATUS, StopRequest
 from llava.train.trainer import CROSS_ATTN, PROJECTOR, VISION_TOWER, SlowFastTrainer
 
 logger = logging.getLogger("llava.train")
+SLOW_POSITION = "slow_token_position_"  # the slow-token position encoding, trained with the projector in stage 1
 
 # Fields of ModelArguments copied to a new model's config under the same name.
 _CONFIG_FIELDS = (
@@ -46,6 +57,7 @@ _CONFIG_FIELDS = (
     "cross_attn_max_layer_depth",
     "cross_attn_implementation",
     "cross_attn_gating_type",
+    "slow_token_position_encoding",
 )
 
 
@@ -59,6 +71,7 @@ _STAGE2_MODEL_FIELDS = (
     "mm_video_pooling_stride",
     "min_fast_frames",
     "mm_vision_chunk_frames",
+    "slow_token_position_encoding",
 )
 
 
@@ -157,14 +170,14 @@ def build_model(model_args, data_args, training_args) -> LlavaQwenSlowFastForCau
 
 
 def set_trainable(model, model_args: ModelArguments) -> None:
-    """Stage 1 (``tune_mm_mlp_adapter``): only the projector and ``cross_attn_*``. Stage 2: everything,
+    """Stage 1 (``tune_mm_mlp_adapter``): only the projector, ``cross_attn_*`` and ``slow_token_position_*``. Stage 2: everything,
     except the vision tower with ``freeze_mm_vision_encoder``. ``freeze_cross_attn`` holds ``cross_attn_*``
     fixed in either stage."""
     for name, param in model.named_parameters():
         if model_args.freeze_cross_attn and CROSS_ATTN in name:
             param.requires_grad_(False)
         elif model_args.tune_mm_mlp_adapter:
-            param.requires_grad_(PROJECTOR in name or CROSS_ATTN in name)
+            param.requires_grad_(PROJECTOR in name or CROSS_ATTN in name or SLOW_POSITION in name)
         elif model_args.freeze_mm_vision_encoder and VISION_TOWER in name:
             param.requires_grad_(False)
         else:
@@ -183,7 +196,7 @@ def apply_lora(model, training_args: TrainingArguments):
             and not any(key in name for key in (PROJECTOR, CROSS_ATTN, VISION_TOWER, "lm_head"))
         }
     )
-    full = [n for n, _ in model.named_modules() if any(n.endswith(k) for k in (PROJECTOR, "cross_attn_kv_proj", "cross_attn_gate_proj"))]
+    full = [n for n, _ in model.named_modules() if any(n.endswith(k) for k in (PROJECTOR, "cross_attn_kv_proj", "cross_attn_gate_proj", "slow_token_position_encoding"))]
     lora_config = LoraConfig(
         r=training_args.lora_r,
         lora_alpha=training_args.lora_alpha,
@@ -196,19 +209,66 @@ def apply_lora(model, training_args: TrainingArguments):
     return get_peft_model(model, lora_config)
 
 
+RUN_STATUS_FILE = "run_status.json"
+
+
 def last_checkpoint(output_dir: str) -> str | None:
-    checkpoints = glob.glob(os.path.join(output_dir, "checkpoint-*"))
-    checkpoints = [c for c in checkpoints if c.rsplit("-", 1)[-1].isdigit()]
-    return max(checkpoints, key=lambda c: int(c.rsplit("-", 1)[-1])) if checkpoints else None
+    """The newest complete ``checkpoint-*`` of ``output_dir``, or ``None``."""
+    return find_resume_checkpoint(output_dir)[0]
 
 
-def train(argv: list[str] | None = None) -> None:
+def resume_checkpoint(training_args: TrainingArguments) -> str | None:
+    """Where to resume: ``--resume_from_checkpoint`` if given, else the newest complete checkpoint of the
+    output folder. Logs the choice and every newer checkpoint passed over, with the reason."""
+    explicit = training_args.resume_from_checkpoint
+    if explicit:
+        if not os.path.isdir(explicit):
+            raise FileNotFoundError(f"--resume_from_checkpoint {explicit}: no such folder")
+        problem = checkpoint_problem(explicit)
+        if problem:
+            logger.warning("resuming from %s as asked by --resume_from_checkpoint, although %s", explicit, problem)
+        else:
+            logger.info("resuming from %s (--resume_from_checkpoint)", explicit)
+        return explicit
+    path, skipped = find_resume_checkpoint(training_args.output_dir)
+    for other, why in skipped:
+        logger.warning("not resuming from %s: %s", other, why)
+    if path:
+        logger.info("resuming from %s: the newest complete checkpoint", path)
+    elif skipped:
+        logger.warning("no complete checkpoint in %s: training from the start", training_args.output_dir)
+    return path
+
+
+def _write_run_status(output_dir: str, status: dict) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, RUN_STATUS_FILE)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(status, handle, indent=1)
+    os.replace(temporary, path)
+
+
+def train(argv: list[str] | None = None) -> dict:
+    """Parse the command line and train.
+
+    Returns:
+        The run's outcome, as written to ``OUTPUT_DIR/run_status.json``: ``status`` ``"finished"`` or
+        ``"stopped"`` (early, with a checkpoint: ``reason`` and ``checkpoint``), and ``global_step``.
+    """
+    started = time.monotonic()
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.local_process_index == 0 else logging.WARNING,
     )
+    stop_request = StopRequest(training_args.max_train_hours, training_args.stop_margin_minutes, start=started)
+    with stop_request.handling_signals():
+        return _train(model_args, data_args, training_args, stop_request)
+
+
+def _train(model_args, data_args, training_args, stop_request: StopRequest) -> dict:
     transformers.set_seed(training_args.seed)
     # Set up the process group (gloo on CPU) before ZeRO-3 builds the model, or DeepSpeed starts its own.
     _ = training_args.device
@@ -230,22 +290,42 @@ def train(argv: list[str] | None = None) -> None:
     base_model = model.get_base_model() if training_args.lora_enable else model
     image_processor = base_model.get_vision_tower().image_processor
 
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     data_module = make_supervised_data_module(
-        tokenizer, image_processor, data_args, base_model.config, max_length=training_args.model_max_length
+        tokenizer, image_processor, data_args, base_model.config, max_length=training_args.model_max_length,
+        seed=data_seed,
     )
-    trainer = SlowFastTrainer(model=model, args=training_args, processing_class=tokenizer, **data_module)
+    trainer = SlowFastTrainer(
+        model=model, args=training_args, processing_class=tokenizer, stop_request=stop_request, **data_module
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("trainable parameters: %d", trainable)
 
-    resume = last_checkpoint(training_args.output_dir)
-    if resume:
-        logger.info("resuming from %s", resume)
+    resume = resume_checkpoint(training_args)
+    if training_args.should_save:
+        stale = os.path.join(training_args.output_dir, RUN_STATUS_FILE)
+        if os.path.exists(stale):
+            os.remove(stale)
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_state()
 
     skipped = data_module["train_dataset"].skipped_count()
     logger.warning("skipped %d sample(s) that could not be loaded", skipped) if skipped else logger.info("no sample skipped")
-    save_checkpoint(trainer, base_model, tokenizer, image_processor, training_args)
+    step = trainer.state.global_step
+    if stop_request.reason is not None and step < trainer.state.max_steps:
+        checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{step}")
+        outcome = {"status": "stopped", "reason": stop_request.reason, "global_step": step,
+                   "max_steps": trainer.state.max_steps, "checkpoint": checkpoint}
+        logger.warning(
+            "stopped after step %d of %d (%s); %s is complete: run the same command again to resume",
+            step, trainer.state.max_steps, stop_request.reason, checkpoint,
+        )
+    else:
+        trainer.save_state()
+        save_checkpoint(trainer, base_model, tokenizer, image_processor, training_args)
+        outcome = {"status": "finished", "global_step": step, "max_steps": trainer.state.max_steps}
+    if training_args.should_save:
+        _write_run_status(training_args.output_dir, outcome)
+    return outcome
 
 
 def save_checkpoint(trainer, model, tokenizer, image_processor, training_args) -> None:
@@ -263,13 +343,19 @@ def save_checkpoint(trainer, model, tokenizer, image_processor, training_args) -
         model.generation_config.save_pretrained(training_args.output_dir)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Train; return the exit status: 0 finished, 75 stopped early with a checkpoint (0 under torchrun),
+    2 bad arguments or data."""
     try:
-        train()
+        outcome = train(argv)
     except (ValueError, FileNotFoundError) as err:
         logger.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if outcome["status"] == "stopped" and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return STOPPED_EXIT_STATUS
     return 0
 
 

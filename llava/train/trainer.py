@@ -1,9 +1,21 @@
-"""``SlowFastTrainer``: the Hugging Face Trainer with per-module learning rates and the modality-length sampler."""
+"""``SlowFastTrainer``: the Hugging Face Trainer with per-module learning rates, the modality-length sampler,
+checkpoints marked complete only once fully written, and stopping with a checkpoint on a signal or a time budget."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import time
+
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .checkpoints import checkpoint_problem, rotate_checkpoints, write_completion_marker
+from .stopping import StopCallback, StopRequest
+
+logger = logging.getLogger("llava.train")
 
 PROJECTOR = "mm_projector"
 CROSS_ATTN = "cross_attn_"
@@ -21,12 +33,34 @@ def parameter_group_of(name: str) -> str:
     return "language_model"
 
 
+def _epoch_samplers(dataloader) -> list:
+    """The samplers with ``set_epoch`` inside a (possibly accelerate-wrapped) data loader."""
+    found, seen, todo = [], set(), [dataloader]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.utils.data.Sampler) and hasattr(item, "set_epoch"):
+            found.append(item)
+        todo.extend(getattr(item, name, None) for name in ("base_dataloader", "batch_sampler", "sampler"))
+    return found
+
+
 class SlowFastTrainer(Trainer):
     """Adds separate learning rates (``mm_projector_lr``, ``cross_attention_layer_lr``, ``vision_tower_lr``),
-    ``group_by_modality_length`` sampling and the choice of loss normalisation (``loss_reduction``)."""
+    ``group_by_modality_length`` sampling, the choice of loss normalisation (``loss_reduction``), complete-or-
+    ignored checkpoints (:mod:`llava.train.checkpoints`) and early stops with a checkpoint
+    (:mod:`llava.train.stopping`, ``stop_request``)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, stop_request: StopRequest | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if stop_request is None:
+            stop_request = StopRequest(
+                getattr(self.args, "max_train_hours", None), getattr(self.args, "stop_margin_minutes", 5.0)
+            )
+        self.stop_request = stop_request
+        self.add_callback(StopCallback(stop_request))
         reduction = getattr(self.args, "loss_reduction", None)  # None: plain TrainingArguments, transformers' way
         if reduction == "micro_batch":
             # The Trainer normalises by the supervised tokens of the whole step (``num_items_in_batch``) only
@@ -46,13 +80,50 @@ class SlowFastTrainer(Trainer):
         if self.args.group_by_modality_length and hasattr(dataset, "modality_lengths"):
             from .data import LengthGroupedSampler
 
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return LengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
                 world_size=self.args.world_size,
                 lengths=dataset.modality_lengths,
                 group_by_modality=True,
+                seed=seed,
             )
         return super()._get_train_sampler(train_dataset)
+
+    def _run_epoch(self, *args, **kwargs):
+        # A resumed run wraps the data loader to skip the steps already trained, and accelerate's set_epoch
+        # does not reach the sampler through that wrapper: without this the resumed epoch would be drawn in
+        # the order of epoch 0.
+        epoch = kwargs.get("epoch")
+        if epoch is not None:
+            for sampler in _epoch_samplers(kwargs.get("train_dataloader")):
+                sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, marked complete once every process has written its part; older
+        checkpoints are rotated out (``save_total_limit``) only after that."""
+        started = time.monotonic()
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            problem = checkpoint_problem(folder)
+            logger.warning("replacing %s left by an earlier run (%s)", folder, problem or "complete")
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the Trainer would rotate before the new checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_completion_marker(folder, self.state.global_step)
+            rotate_checkpoints(run_dir, limit, protected=[self.state.best_model_checkpoint or ""])
+        # nobody leaves (and may exit) before the marker is written
+        self.accelerator.wait_for_everyone()
+        self.stop_request.record_save(time.monotonic() - started)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is not None:

@@ -6,15 +6,19 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
 # Multi-node stage 1 under Slurm: one torchrun per node, rendezvous on the first node.
 #   sbatch --nodes 4 scripts/pretrain/slurm_pretrain_frame64-s1t4.sh [extra trainer arguments]
 # Same environment variables as scripts/pretrain/pretrain_frame64-s1t4.sh; set them before sbatch
 # (Slurm passes the environment) or in this file.
+# Five minutes before the time limit Slurm sends SIGUSR1 to this script (B:), which forwards it to the training
+# processes: they finish their step, save a complete checkpoint and stop, and the job requeues itself
+# (--requeue, scontrol requeue); the next run resumes from that checkpoint. Preemption (SIGTERM) does the same
+# within the cluster's grace time. Logs of every restart go to the same file (--open-mode=append).
 set -euo pipefail
 REPO="${SLURM_SUBMIT_DIR:-$(pwd)}"
-export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
-export MASTER_PORT="${MASTER_PORT:-29500}"
-export NNODES="${SLURM_NNODES:-1}"
-export NPROC_PER_NODE="${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
-srun --kill-on-bad-exit=1 bash -c \
-    'NODE_RANK=$SLURM_NODEID exec bash "$0"/scripts/pretrain/pretrain_frame64-s1t4.sh "${@}"' "$REPO" "$@"
+source "$REPO/scripts/launch_train.sh"
+export OUTPUT_DIR="${OUTPUT_DIR:-checkpoints/slowfast-qwen2-7b-frame64-s1t4-pretrain}"  # the recipe's default; the job reads its run_status.json
+slurm_train "$REPO/scripts/pretrain/pretrain_frame64-s1t4.sh" "$@"

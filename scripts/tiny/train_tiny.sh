@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the tiny Slow-Fast model of assets/tiny-slowfast from nothing, on CPU (2 cores: about 23 minutes).
+# Train the tiny Slow-Fast model of assets/tiny-slowfast from nothing, on CPU (2 cores: about 25 minutes).
 #
 #   bash scripts/tiny/train_tiny.sh [OUT]          # default OUT: checkpoints/tiny-slowfast
 #
@@ -17,6 +17,8 @@
 #
 # Environment: WORK [OUT.work] holds the data, tower and training output; VARIANT picks the architecture
 # (slowfast [default], fast: no hybrid layers, slow: every slow token in the language model, no hybrid layers);
+# SLOW_POSITIONS [fourier_spacetime] the slow tokens' position encoding (--slow_token_position_encoding: none,
+# fourier, fourier_spacetime; slowfast only, the other variants have no slow path);
 # PYTHON [python3]; NPROC_PER_NODE [2]; THREADS [cores / NPROC_PER_NODE, per process]; MASTER_PORT [29500]. For smoke tests only (they change the result):
 # MAX_STEPS [3000], TOWER_STEPS [2000], TRAIN_VIDEOS [8000], VAL_VIDEOS [200], TEST_VIDEOS [500].
 set -euo pipefail
@@ -24,6 +26,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${1:-checkpoints/tiny-slowfast}"
 WORK="${WORK:-$OUT.work}"
 VARIANT="${VARIANT:-slowfast}"
+SLOW_POSITIONS="${SLOW_POSITIONS:-fourier_spacetime}"
 PYTHON="${PYTHON:-python3}"
 MAX_STEPS="${MAX_STEPS:-3000}" TOWER_STEPS="${TOWER_STEPS:-2000}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-2}" GLOBAL_BATCH=16
@@ -45,7 +48,9 @@ OVERRIDES="{\"depths\":[1,1,1,1],\"dims\":[16,32,48,64],\"image_size\":$SIZE,\"o
 case "$VARIANT" in
     # 16 frames x 16 slow tokens = 256 slow tokens through 4 hybrid layers (every layer); every frame's
     # 4 x 4 grid averaged 2 x 2 gives 16 x 4 = 64 fast tokens in the LM.
-    slowfast) VARIANT_ARGS=(--fast_token_temporal_stride 1 --fast_token_spatial_stride 2) ;;
+    # Each slow token also gets its frame's time and its cell's row and column (SLOW_POSITIONS).
+    slowfast) VARIANT_ARGS=(--fast_token_temporal_stride 1 --fast_token_spatial_stride 2
+                            --slow_token_position_encoding "$SLOW_POSITIONS") ;;
     # The same 64 fast tokens, no hybrid layers.
     fast) VARIANT_ARGS=(--cross_attn_max_layer_depth 0 --fast_token_temporal_stride 1 --fast_token_spatial_stride 2) ;;
     # All 256 slow tokens in the LM as ordinary tokens, no hybrid layers (the self-attention-only baseline).
@@ -83,8 +88,9 @@ fi
 
 # 3. supervised fine-tuning
 RUN="$WORK/sft-$VARIANT"
+if [[ "$VARIANT" == slowfast && "$SLOW_POSITIONS" != none ]]; then RUN="$RUN-$SLOW_POSITIONS"; fi
 if [[ ! -f "$RUN/model.safetensors" ]]; then
-    log "training ($VARIANT, $MAX_STEPS steps)"
+    log "training ($VARIANT, slow-token positions ${SLOW_POSITIONS}, $MAX_STEPS steps)"
     source "$ROOT/scripts/launch_train.sh"
     (
         export MODEL="$BASE" DATA_PATH="$DATA/train.json" VIDEO_DIR="$DATA" OUTPUT_DIR="$RUN"
