@@ -12,7 +12,8 @@ language model:
 * ``slow`` -- all 256 slow tokens in the language model as ordinary tokens, no hybrid layers (the
   self-attention-only baseline);
 * ``positions`` -- ``slowfast`` whose slow tokens also carry their frame's time and their row and column
-  (``--slow_token_position_encoding fourier_spacetime``: the recipe of ``assets/tiny-slowfast``).
+  (``--slow_token_position_encoding fourier_spacetime``: train_tiny.sh's default; ``assets/tiny-slowfast`` is
+  still the ``slowfast`` recipe, see README.md).
 
 Each is scored on the test split per question family (``playground.evaluate_synthetic``), and its prefill
 is measured on the test videos: the tokens the language model reads, the slow tokens it cross-attends to,

@@ -81,7 +81,6 @@ def test_committed_checkpoint_is_small_fp16_and_self_contained():
     config = json.loads((TINY / "config.json").read_text())
     assert config["vision_tower_pretrained"] is None
     assert config["cross_attn_max_layer_depth"] is None and config["cross_attn_every_n_layers"] == 1
-    assert config["slow_token_position_encoding"] == "fourier_spacetime"
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja"):
         assert (TINY / name).is_file(), name
 
@@ -204,6 +203,18 @@ def test_ablation_report_has_a_row_per_variant_and_a_plot(tmp_path):
     assert "(a) slow-fast" in rows[2] and "52.0 %" in rows[4] and "4.50" in rows[4]
     assert "flash (detail) (chance 20 %)" in rows[0]
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+def test_ablation_trains_d_as_slow_fast_with_positions_and_a_without(monkeypatch, tmp_path):
+    import playground.ablation as ablation
+
+    calls = []
+    monkeypatch.setattr(ablation.subprocess, "run", lambda cmd, **kw: calls.append(kw["env"]))
+    for name in ("slowfast", "positions", "fast"):
+        ablation.train_variant(name, tmp_path, 29600)
+    assert [(e["VARIANT"], e["SLOW_POSITIONS"]) for e in calls] == [
+        ("slowfast", "none"), ("slowfast", "fourier_spacetime"), ("fast", "none")
+    ]
 
 
 def test_merge_keeps_the_previous_rows_of_variants_not_rerun_in_table_order(tmp_path):

@@ -187,9 +187,10 @@ def test_interrupted_run_resumes_from_last_checkpoint(base_dir, data_dir, tmp_pa
 def test_time_budget_stops_after_a_step_with_a_checkpoint_and_exit_status_75(base_dir, data_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     out = tmp_path / "run"
-    # 0.36 s, spent before the first step ends; a stop saves a checkpoint even with --save_strategy no
+    # 0.36 ms: spent before the first step ends, however fast the machine (the budget is checked at step ends);
+    # a stop saves a checkpoint even with --save_strategy no
     argv = common_argv(base_dir, data_dir, out) + ["--max_steps", "4", "--save_strategy", "no",
-                                                   "--max_train_hours", "0.0001", "--stop_margin_minutes", "0"]
+                                                   "--max_train_hours", "0.0000001", "--stop_margin_minutes", "0"]
     assert main(argv) == 75
     status = json.loads((out / "run_status.json").read_text())
     assert (status["status"], status["global_step"]) == ("stopped", 1)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Train the tiny Slow-Fast model of assets/tiny-slowfast from nothing, on CPU (2 cores: about 25 minutes).
+# Train a tiny Slow-Fast model from nothing, on CPU (2 cores: about 25 minutes). assets/tiny-slowfast is
+# SLOW_POSITIONS=none; the default, fourier_spacetime, gives the slow tokens their time and place and is the
+# model that reads direction (README.md, "Slow tokens with positions").
 #
 #   bash scripts/tiny/train_tiny.sh [OUT]          # default OUT: checkpoints/tiny-slowfast
 #
@@ -18,7 +20,8 @@
 # Environment: WORK [OUT.work] holds the data, tower and training output; VARIANT picks the architecture
 # (slowfast [default], fast: no hybrid layers, slow: every slow token in the language model, no hybrid layers);
 # SLOW_POSITIONS [fourier_spacetime] the slow tokens' position encoding (--slow_token_position_encoding: none,
-# fourier, fourier_spacetime; slowfast only, the other variants have no slow path);
+# fourier, fourier_spacetime; slowfast only, the other variants have no slow path); SEED [0] of the training stage
+# (initialisation and data order; the data, tower and base stay those of seed 0);
 # PYTHON [python3]; NPROC_PER_NODE [2]; THREADS [cores / NPROC_PER_NODE, per process]; MASTER_PORT [29500]. For smoke tests only (they change the result):
 # MAX_STEPS [3000], TOWER_STEPS [2000], TRAIN_VIDEOS [8000], VAL_VIDEOS [200], TEST_VIDEOS [500].
 set -euo pipefail
@@ -27,6 +30,7 @@ OUT="${1:-checkpoints/tiny-slowfast}"
 WORK="${WORK:-$OUT.work}"
 VARIANT="${VARIANT:-slowfast}"
 SLOW_POSITIONS="${SLOW_POSITIONS:-fourier_spacetime}"
+SEED="${SEED:-0}"
 PYTHON="${PYTHON:-python3}"
 MAX_STEPS="${MAX_STEPS:-3000}" TOWER_STEPS="${TOWER_STEPS:-2000}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-2}" GLOBAL_BATCH=16
@@ -89,6 +93,7 @@ fi
 # 3. supervised fine-tuning
 RUN="$WORK/sft-$VARIANT"
 if [[ "$VARIANT" == slowfast && "$SLOW_POSITIONS" != none ]]; then RUN="$RUN-$SLOW_POSITIONS"; fi
+if [[ "$SEED" != 0 ]]; then RUN="$RUN-seed$SEED"; fi
 if [[ ! -f "$RUN/model.safetensors" ]]; then
     log "training ($VARIANT, slow-token positions ${SLOW_POSITIONS}, $MAX_STEPS steps)"
     source "$ROOT/scripts/launch_train.sh"
@@ -103,7 +108,7 @@ if [[ ! -f "$RUN/model.safetensors" ]]; then
             --video_frames "$FRAMES" --fps 0 --min_fast_frames 4 "${VARIANT_ARGS[@]}" \
             --learning_rate 1e-3 --per_device_train_batch_size $(( GLOBAL_BATCH / NPROC_PER_NODE )) --gradient_accumulation_steps 1 \
             --max_steps "$MAX_STEPS" --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0 \
-            --max_grad_norm 1.0 --model_max_length 512 --seed 0 --data_seed 0 \
+            --max_grad_norm 1.0 --model_max_length 512 --seed "$SEED" --data_seed "$SEED" \
             --save_strategy no --logging_steps 50 --dataloader_num_workers 0 --lazy_preprocess True --report_to none
     )
 fi
