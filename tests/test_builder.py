@@ -62,9 +62,10 @@ def test_tiny_base_checkpoint_is_a_plain_qwen2(tmp_path):
 
 def test_tiny_options_reach_the_config(tmp_path):
     assert tiny_main([str(tmp_path / "m"), "--frames", "16", "--temporal-stride", "2", "--image-size", "96",
-                      "--cross-attn-implementation", "vanilla"]) == 0
+                      "--cross-attn-implementation", "vanilla", "--rope-theta", "1e6"]) == 0
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["video_frames"] == 16 and config["fast_token_temporal_stride"] == 2
+    assert config["rope_parameters"]["rope_theta"] == 1e6
     assert config["mm_vision_tower_overrides"]["image_size"] == 96
     assert config["cross_attn_implementation"] == "vanilla"
 

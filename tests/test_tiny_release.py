@@ -130,6 +130,7 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
     env = dict(
         os.environ, WORK=str(tmp_path / "work"), PYTHON=sys.executable, NPROC_PER_NODE="1", MASTER_PORT="29531",
         MAX_STEPS="2", TOWER_STEPS="2", TRAIN_VIDEOS="6", VAL_VIDEOS="2", TEST_VIDEOS="3", THREADS="1",
+        EXTRA_TRAIN_ARGS="--logging_steps 1",
     )  # fmt: skip
     out = tmp_path / "tiny"
     done = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)], env=env, cwd=REPO,
@@ -137,14 +138,22 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert _dtypes(out) == {torch.float16}
     config = json.loads((out / "config.json").read_text())
-    assert config["fast_token_spatial_stride"] == 2 and config["fast_token_temporal_stride"] == 1
+    # The default recipe: every cell of the tower's 8 x 8 grid a slow token, fast tokens averaged to 2 x 2.
+    assert config["mm_video_pooling_stride"] == 1 and config["fast_token_spatial_stride"] == 4
+    assert config["fast_token_temporal_stride"] == 1
     assert config["slow_token_position_encoding"] == "fourier_spacetime"
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert "model.slow_token_position_encoding.weight" in f.keys()
     assert json.loads((out / "eval_test.json").read_text())["split"] == "test"
+    # EXTRA_TRAIN_ARGS come after the recipe's options and win: a loss logged at each of the 2 steps.
+    state = json.loads((tmp_path / "work" / "sft-slowfast-fourier_spacetime-pool1" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
     bad = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)], env={**env, "VARIANT": "huge"},
                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "VARIANT=huge" in bad.stderr
+    pooling = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)],
+                             env={**env, "SLOW_POOLING": "3"}, cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert pooling.returncode == 2 and "SLOW_POOLING=3" in pooling.stderr
     uneven = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)],
                             env={**env, "NPROC_PER_NODE": "3"}, cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
     assert uneven.returncode == 2 and "NPROC_PER_NODE=3 must divide the global batch of 16" in uneven.stderr

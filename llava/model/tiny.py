@@ -33,6 +33,7 @@ class TinySpec:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
     image_size: int = 64
     vision_depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
     vision_dims: list[int] = field(default_factory=lambda: [16, 24, 32, 48])
@@ -60,7 +61,7 @@ def _qwen2_fields(spec: TinySpec, tokenizer) -> dict:
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=spec.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids(IM_END_TOKEN),
@@ -164,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=defaults.num_layers)
     parser.add_argument("--heads", type=int, default=defaults.num_heads)
     parser.add_argument("--kv-heads", type=int, default=defaults.num_kv_heads)
+    parser.add_argument(
+        "--rope-theta", type=float, default=defaults.rope_theta,
+        help="rotary base; Qwen2's released models use 1e6, which rotates the low-frequency query dimensions slowly",
+    )
     parser.add_argument("--cross-attn-every", type=int, default=defaults.cross_attn_every_n_layers)
     parser.add_argument("--cross-attn-implementation", default=defaults.cross_attn_implementation)
     parser.add_argument("--cross-attn-gating-type", default=defaults.cross_attn_gating_type)
@@ -174,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
+    if not args.rope_theta > 0:
+        parser.error(f"--rope-theta must be positive, got {args.rope_theta}")
     spec = TinySpec(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         num_layers=args.layers,
         num_heads=args.heads,
         num_kv_heads=args.kv_heads,
+        rope_theta=args.rope_theta,
         image_size=args.image_size,
         vision_depths=args.vision_depths,
         vision_dims=args.vision_dims,

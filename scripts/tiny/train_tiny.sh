@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train a tiny Slow-Fast model from nothing, on CPU (2 cores: about 25 minutes). assets/tiny-slowfast is
-# SLOW_POSITIONS=none; the default, fourier_spacetime, gives the slow tokens their time and place and is the
-# model that reads direction (README.md, "Slow tokens with positions").
+# SLOW_POSITIONS=none SLOW_POOLING=2; the defaults, fourier_spacetime and 1, give the slow tokens their time and
+# place at the tower's full grid, the model that reads direction and the flash (README.md, "Slow tokens with
+# positions").
 #
 #   bash scripts/tiny/train_tiny.sh [OUT]          # default OUT: checkpoints/tiny-slowfast
 #
@@ -20,9 +21,13 @@
 # Environment: WORK [OUT.work] holds the data, tower and training output; VARIANT picks the architecture
 # (slowfast [default], fast: no hybrid layers, slow: every slow token in the language model, no hybrid layers);
 # SLOW_POSITIONS [fourier_spacetime] the slow tokens' position encoding (--slow_token_position_encoding: none,
-# fourier, fourier_spacetime; slowfast only, the other variants have no slow path); SEED [0] of the training stage
+# fourier, fourier_spacetime; slowfast only, the other variants have no slow path); SLOW_POOLING [1] the slow
+# tokens' grid (1: the tower's 8 x 8 cells, 1,024 slow tokens a video; 2: pooled 2 x 2, 256; slowfast only, the
+# other variants pool 2 x 2); SEED [0] of the training stage
 # (initialisation and data order; the data, tower and base stay those of seed 0);
-# PYTHON [python3]; NPROC_PER_NODE [2]; THREADS [cores / NPROC_PER_NODE, per process]; MASTER_PORT [29500]. For smoke tests only (they change the result):
+# EXTRA_TRAIN_ARGS [none] more trainer options, after the recipe's (so they win); PYTHON [python3];
+# NPROC_PER_NODE [2]; THREADS [cores / NPROC_PER_NODE, per process]; MASTER_PORT [29500]. MAX_STEPS changes the
+# schedule (README.md gives a 6,000-step run); the others are for smoke tests only (they change the result):
 # MAX_STEPS [3000], TOWER_STEPS [2000], TRAIN_VIDEOS [8000], VAL_VIDEOS [200], TEST_VIDEOS [500].
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -30,6 +35,7 @@ OUT="${1:-checkpoints/tiny-slowfast}"
 WORK="${WORK:-$OUT.work}"
 VARIANT="${VARIANT:-slowfast}"
 SLOW_POSITIONS="${SLOW_POSITIONS:-fourier_spacetime}"
+SLOW_POOLING="${SLOW_POOLING:-1}"
 SEED="${SEED:-0}"
 PYTHON="${PYTHON:-python3}"
 MAX_STEPS="${MAX_STEPS:-3000}" TOWER_STEPS="${TOWER_STEPS:-2000}"
@@ -49,16 +55,25 @@ TRAIN_VIDEOS="${TRAIN_VIDEOS:-8000}" VAL_VIDEOS="${VAL_VIDEOS:-200}" TEST_VIDEOS
 TOWER_ARGS=(--image-size "$SIZE" --depths 1,1,1,1 --dims 16,32,48,64 --output-stride 8)
 OVERRIDES="{\"depths\":[1,1,1,1],\"dims\":[16,32,48,64],\"image_size\":$SIZE,\"output_stride\":8}"
 
+case "$SLOW_POOLING" in
+    1|2) ;;
+    *) echo "error: SLOW_POOLING=$SLOW_POOLING: use 1 (an 8 x 8 grid of slow tokens a frame) or 2 (4 x 4)" >&2; exit 2 ;;
+esac
 case "$VARIANT" in
-    # 16 frames x 16 slow tokens = 256 slow tokens through 4 hybrid layers (every layer); every frame's
-    # 4 x 4 grid averaged 2 x 2 gives 16 x 4 = 64 fast tokens in the LM.
-    # Each slow token also gets its frame's time and its cell's row and column (SLOW_POSITIONS).
-    slowfast) VARIANT_ARGS=(--fast_token_temporal_stride 1 --fast_token_spatial_stride 2
+    # 16 frames x 64 slow tokens (SLOW_POOLING=1: the tower's 8 x 8 grid) or x 16 (2: pooled 2 x 2) through
+    # 4 hybrid layers (every layer); the fast tokens average every frame to 2 x 2 either way: 16 x 4 = 64
+    # fast tokens in the LM. Each slow token also gets its frame's time and its cell's row and column
+    # (SLOW_POSITIONS).
+    slowfast) VARIANT_ARGS=(--mm_video_pooling_stride "$SLOW_POOLING" --fast_token_temporal_stride 1
+                            --fast_token_spatial_stride $(( 4 / SLOW_POOLING ))
                             --slow_token_position_encoding "$SLOW_POSITIONS") ;;
     # The same 64 fast tokens, no hybrid layers.
-    fast) VARIANT_ARGS=(--cross_attn_max_layer_depth 0 --fast_token_temporal_stride 1 --fast_token_spatial_stride 2) ;;
-    # All 256 slow tokens in the LM as ordinary tokens, no hybrid layers (the self-attention-only baseline).
-    slow) VARIANT_ARGS=(--cross_attn_max_layer_depth 0 --fast_token_temporal_stride 1 --fast_token_spatial_stride 1) ;;
+    fast) VARIANT_ARGS=(--mm_video_pooling_stride 2 --cross_attn_max_layer_depth 0 --fast_token_temporal_stride 1
+                        --fast_token_spatial_stride 2) ;;
+    # All 256 slow tokens (pooled 2 x 2) in the LM as ordinary tokens, no hybrid layers (the self-attention-only
+    # baseline).
+    slow) VARIANT_ARGS=(--mm_video_pooling_stride 2 --cross_attn_max_layer_depth 0 --fast_token_temporal_stride 1
+                        --fast_token_spatial_stride 1) ;;
     *) echo "error: VARIANT=$VARIANT: use slowfast, fast or slow" >&2; exit 2 ;;
 esac
 
@@ -93,6 +108,7 @@ fi
 # 3. supervised fine-tuning
 RUN="$WORK/sft-$VARIANT"
 if [[ "$VARIANT" == slowfast && "$SLOW_POSITIONS" != none ]]; then RUN="$RUN-$SLOW_POSITIONS"; fi
+if [[ "$VARIANT" == slowfast && "$SLOW_POOLING" != 2 ]]; then RUN="$RUN-pool$SLOW_POOLING"; fi
 if [[ "$SEED" != 0 ]]; then RUN="$RUN-seed$SEED"; fi
 if [[ ! -f "$RUN/model.safetensors" ]]; then
     log "training ($VARIANT, slow-token positions ${SLOW_POSITIONS}, $MAX_STEPS steps)"
@@ -104,12 +120,12 @@ if [[ ! -f "$RUN/model.safetensors" ]]; then
             --vision_tower convnext-576 --vision_tower_pretrained "$TOWER" --mm_vision_tower_overrides "$OVERRIDES" \
             --freeze_mm_vision_encoder True --mm_projector_type mlp2x_gelu --tune_mm_mlp_adapter False \
             --initialize_cross_attn_kv_from_lm True --cross_attn_every_n_layers 1 --cross_attn_implementation text-only-vanilla-flashattn \
-            --cross_attn_gating_type whole-dynamic-tanh --mm_video_pooling_stride 2 \
+            --cross_attn_gating_type whole-dynamic-tanh \
             --video_frames "$FRAMES" --fps 0 --min_fast_frames 4 "${VARIANT_ARGS[@]}" \
             --learning_rate 1e-3 --per_device_train_batch_size $(( GLOBAL_BATCH / NPROC_PER_NODE )) --gradient_accumulation_steps 1 \
             --max_steps "$MAX_STEPS" --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0 \
             --max_grad_norm 1.0 --model_max_length 512 --seed "$SEED" --data_seed "$SEED" \
-            --save_strategy no --logging_steps 50 --dataloader_num_workers 0 --lazy_preprocess True --report_to none
+            --save_strategy no --logging_steps 50 --dataloader_num_workers 0 --lazy_preprocess True --report_to none ${EXTRA_TRAIN_ARGS:-}
     )
 fi
 
