@@ -24,7 +24,7 @@ Text-only samples have neither ``video`` nor ``image`` and no ``<image>``.
 Usage::
 
     python -m playground.synthetic_data --out DIR [--num-videos 24] [--num-images 6] [--num-text 6]
-        [--size 64] [--frames 16] [--fps 8] [--seed 0] [--split train]
+        [--size 64] [--frames 16] [--fps 8] [--seed 0] [--split train] [--questions sampled|all]
 
 The split name is mixed into the seed, so two splits generated with the same ``--seed`` still differ,
 and the same arguments give byte-identical JSON and identical frames.
@@ -87,6 +87,7 @@ _WORDS: tuple[str, ...] = (
     "the", "cat", "sat", "on", "a", "red", "mat", "dog", "runs", "fast", "in", "park", "sun", "is", "warm",
     "we", "like", "green", "apples", "birds", "sing", "every", "morning", "small", "boat", "sails", "home",
 )  # fmt: skip
+QUESTION_MODES: tuple[str, ...] = ("sampled", "all")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -414,6 +415,22 @@ def _pick_turns(rng: np.random.Generator, pool: dict[str, list[QA]], primary: st
     return [first] + [rest[int(i)] for i in rng.permutation(len(rest))[:extra]]
 
 
+def _all_turns(rng: np.random.Generator, spec: SceneSpec, pool: dict[str, list[QA]]) -> tuple[QA, ...]:
+    """Every question of ``pool`` in a random order, except that a shape's colour question always comes before
+    the direction question that names its colour (which would otherwise give the answer away)."""
+    turns = [qa for qas in pool.values() for qa in qas]
+    turns = [turns[int(k)] for k in rng.permutation(len(turns))]
+    for shape in spec.shapes:
+        color_at = next(k for k, qa in enumerate(turns) if qa.family.endswith("_color") and shape.shape in qa.question)
+        direction_at = next(
+            (k for k, qa in enumerate(turns) if qa.family == "video_direction" and f"the {shape.color} {shape.shape} " in qa.question),
+            None,
+        )
+        if direction_at is not None and direction_at < color_at:
+            turns[color_at], turns[direction_at] = turns[direction_at], turns[color_at]
+    return tuple(turns)
+
+
 def _media_samples(
     rng: np.random.Generator, turns: list[QA], media: str, index: int, split: str
 ) -> list[PlannedSample]:
@@ -470,6 +487,7 @@ def plan_dataset(
     frames: int = 16,
     seed: int = 0,
     split: str = "train",
+    questions: str = "sampled",
 ) -> DatasetPlan:
     """Decide every scene, image and conversation of a dataset without writing anything.
 
@@ -477,11 +495,18 @@ def plan_dataset(
     count leaves the others unchanged, and the first ``n`` videos are the same for any ``num_videos >= n``.
     Video ``i``'s first question cycles through :data:`VIDEO_FAMILIES` (image ``i`` and text sample ``i``
     likewise), so every family appears once the counts reach the number of families.
+
+    ``questions``: ``"sampled"`` asks each video its primary question and up to two others, half the time as one
+    conversation and otherwise one sample each; ``"all"`` asks every question the scene answers
+    (:func:`scene_questions`) in one conversation, in a random order where no direction question (which names
+    the shape's colour) comes before that shape's colour question. Both draw the same scenes from the same stream, so the videos are identical.
     """
+    if questions not in QUESTION_MODES:
+        raise ValueError(f"questions must be one of {QUESTION_MODES}, got {questions!r}")
     _check_args(num_videos, num_images, num_text, size, frames, fps=1, split=split)
     # crc32 rather than hash(): str hashes are salted per process.
-    video_rng, image_rng, text_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence([seed, zlib.crc32(split.encode())]).spawn(3)
+    video_rng, image_rng, text_rng, order_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([seed, zlib.crc32(split.encode())]).spawn(4)
     )
 
     samples: list[PlannedSample] = []
@@ -493,8 +518,13 @@ def plan_dataset(
             video_rng, size, frames, staggered=True if primary == "video_first" else None, flash=flash
         )
         videos.append(spec)
-        turns = _pick_turns(video_rng, scene_questions(spec, "video"), primary, max_extra=2)
-        samples += _media_samples(video_rng, turns, "video", i, split)
+        pool = scene_questions(spec, "video")
+        turns = _pick_turns(video_rng, pool, primary, max_extra=2)
+        planned = _media_samples(video_rng, turns, "video", i, split)
+        if questions == "all":
+            # Drawn from a stream of their own, so that the scenes stay those of "sampled".
+            planned = [PlannedSample(f"{split}_video_{i:04d}_0", "video", i, _all_turns(order_rng, spec, pool))]
+        samples += planned
 
     images = []
     for i in range(num_images):
@@ -550,6 +580,7 @@ def generate_dataset(
     fps: int = 8,
     seed: int = 0,
     split: str = "train",
+    questions: str = "sampled",
 ) -> dict[str, Any]:
     """Render and write a dataset under ``out`` (see the module docstring for the layout).
 
@@ -563,6 +594,7 @@ def generate_dataset(
         fps: frame rate written to the videos.
         seed: random seed; the split name is mixed in.
         split: name used in file names (letters, digits, ``_`` and ``-``).
+        questions: ``"sampled"`` or ``"all"`` questions per video (see :func:`plan_dataset`).
 
     Returns:
         A summary: split, seed, codec, the JSON/JSONL and media paths, sample counts and
@@ -571,7 +603,7 @@ def generate_dataset(
     from PIL import Image
 
     _check_args(num_videos, num_images, num_text, size, frames, fps, split)
-    plan = plan_dataset(num_videos, num_images, num_text, size, frames, seed, split)
+    plan = plan_dataset(num_videos, num_images, num_text, size, frames, seed, split, questions)
     root = Path(out)
     (root / "videos").mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -616,6 +648,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fps", type=int, default=8, help="video frame rate (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--split", default="train", help="split name used in file names (default: train)")
+    parser.add_argument(
+        "--questions", default="sampled", choices=QUESTION_MODES,
+        help="per video: its primary question and up to two others (sampled, the default), or every question it "
+        "answers in one conversation (all)",
+    )
     args = parser.parse_args(argv)
     try:
         summary = generate_dataset(
@@ -628,6 +665,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fps=args.fps,
             seed=args.seed,
             split=args.split,
+            questions=args.questions,
         )
     except ValueError as exc:
         parser.error(str(exc))

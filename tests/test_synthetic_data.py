@@ -22,6 +22,7 @@ from playground.synthetic_data import (
     main,
     plan_dataset,
     render_scene,
+    scene_questions,
     shape_mask,
 )
 
@@ -341,8 +342,44 @@ def test_cli_writes_the_dataset_and_prints_the_summary(tmp_path: Path, capsys) -
 
 
 @pytest.mark.parametrize(
-    "overrides", [{"size": 63}, {"size": 256}, {"frames": 4}, {"split": "a/b"}, {"num_videos": -1}]
+    "overrides",
+    [{"size": 63}, {"size": 256}, {"frames": 4}, {"split": "a/b"}, {"num_videos": -1}, {"questions": "some"}],
 )
 def test_invalid_arguments_are_rejected(overrides: dict) -> None:
     with pytest.raises(ValueError):
         plan_dataset(**{**SMALL, **overrides})
+
+
+# ----------------------------------------------------------------- every question of a video
+
+
+@pytest.fixture(scope="module")
+def plan_all() -> DatasetPlan:
+    return plan_dataset(**{**SMALL, "num_videos": 40}, questions="all")
+
+
+def test_all_questions_mode_draws_the_same_scenes_images_and_text(plan_all: DatasetPlan) -> None:
+    sampled = plan_dataset(**{**SMALL, "num_videos": 40})
+    assert plan_all.videos == sampled.videos and plan_all.images == sampled.images
+    assert [s for s in plan_all.samples if s.media != "video"] == [s for s in sampled.samples if s.media != "video"]
+
+
+def test_all_questions_mode_asks_each_video_every_question_once_in_one_conversation(plan_all: DatasetPlan) -> None:
+    video_samples = [s for s in plan_all.samples if s.media == "video"]
+    assert [s.media_index for s in video_samples] == list(range(len(plan_all.videos)))
+    for sample in video_samples:
+        expected = [qa for qas in scene_questions(plan_all.videos[sample.media_index]).values() for qa in qas]
+        assert sorted(sample.turns, key=repr) == sorted(expected, key=repr)
+
+
+def test_all_questions_mode_never_names_a_colour_before_its_colour_question(plan_all: DatasetPlan) -> None:
+    orders = set()
+    for record in plan_all.records():
+        if "video" not in record:
+            continue
+        questions = [q for q, _ in _turns(record)]
+        orders.add(tuple(q.split()[0] for q in questions))
+        for k, question in enumerate(questions):
+            if (match := DIRECTION_Q.match(question)) is not None:
+                assert f"What color is the {match.group(2)}?" in questions[:k], questions
+    assert len(orders) > 5  # the order is random, not one fixed layout

@@ -29,9 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny-slowfast"
 DEMO_VIDEO = REPO / "assets" / "demo.mp4"
 # The questions the README asks about the demo video.
-README_QUESTIONS = ("What color is the circle?", "How many shapes are there?")
+README_QUESTIONS = (
+    "What color is the circle?",
+    "How many shapes are there?",
+    "Which direction does the red square move?",
+    "Which direction does the blue circle move?",
+    "What color was the flash?",
+)
 # The families the committed checkpoint has learned; direction is still at chance (see the README).
-LEARNED_FAMILIES = ("video_color", "video_count", "video_first", "video_flash")
+LEARNED_FAMILIES = ("video_color", "video_direction", "video_count", "video_flash")
 
 
 def _dtypes(path: Path) -> set[torch.dtype]:
@@ -142,6 +148,12 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
     assert config["mm_video_pooling_stride"] == 1 and config["fast_token_spatial_stride"] == 4
     assert config["fast_token_temporal_stride"] == 1
     assert config["slow_token_position_encoding"] == "fourier_spacetime"
+    assert config["cross_attn_query_source"] == "own"
+    # The training split asks every question of each video, in one conversation; val and test are unchanged.
+    train = json.loads((tmp_path / "work" / "data-all-questions" / "train.json").read_text())
+    assert len(train) == 6 and all(len(r["conversations"]) >= 6 for r in train)
+    assert not (tmp_path / "work" / "data" / "train.json").exists()
+    assert (tmp_path / "work" / "data" / "test.json").is_file()
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert "model.slow_token_position_encoding.weight" in f.keys()
     assert json.loads((out / "eval_test.json").read_text())["split"] == "test"
@@ -154,6 +166,10 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
     pooling = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)],
                              env={**env, "SLOW_POOLING": "3"}, cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert pooling.returncode == 2 and "SLOW_POOLING=3" in pooling.stderr
+    for name, value in (("QUESTIONS", "most"), ("CROSS_ATTN_QUERY", "rope")):
+        refused = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)],
+                                 env={**env, name: value}, cwd=REPO, capture_output=True, text=True)  # fmt: skip
+        assert refused.returncode == 2 and f"{name}={value}" in refused.stderr
     uneven = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)],
                             env={**env, "NPROC_PER_NODE": "3"}, cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
     assert uneven.returncode == 2 and "NPROC_PER_NODE=3 must divide the global batch of 16" in uneven.stderr
@@ -161,7 +177,7 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
 
 
 def _variant_checkpoints(root: Path) -> dict[str, Path]:
-    """Tiny random checkpoints shaped like the ablation's four variants (16 frames, 16 slow tokens a frame)."""
+    """Tiny random checkpoints shaped like the ablation's variants (16 frames, 16 slow tokens a frame)."""
     spec = TinySpec(frames=16, vision_output_stride=8, temporal_stride=4, min_fast_frames=4, cross_attn_every_n_layers=1)
     base = Path(write_tiny_checkpoint(str(root / "slowfast"), spec))
     out = {"slowfast": base}
@@ -169,6 +185,7 @@ def _variant_checkpoints(root: Path) -> dict[str, Path]:
         "fast": {"cross_attn_max_layer_depth": 0},
         "slow": {"cross_attn_max_layer_depth": 0, "fast_token_temporal_stride": 1, "fast_token_spatial_stride": 1},
         "positions": {"slow_token_position_encoding": "fourier_spacetime"},
+        "recipe": {"slow_token_position_encoding": "fourier_spacetime", "cross_attn_query_source": "own"},
     }.items():
         path = Path(write_tiny_checkpoint(str(root / name), spec))
         config = json.loads((path / "config.json").read_text())
@@ -187,7 +204,8 @@ def test_measure_prefill_counts_each_variants_tokens(tmp_path):
 
     # 16 frames: 4 x 16 fast tokens; 256 slow tokens, cross-attended or read as ordinary tokens.
     assert p["slowfast"]["cross_attended_slow_tokens"] == p["positions"]["cross_attended_slow_tokens"] == 256
-    assert p["slowfast"]["lm_prefill_tokens"] == p["positions"]["lm_prefill_tokens"]
+    assert p["recipe"]["cross_attended_slow_tokens"] == 256
+    assert p["slowfast"]["lm_prefill_tokens"] == p["positions"]["lm_prefill_tokens"] == p["recipe"]["lm_prefill_tokens"]
     assert p["fast"]["cross_attended_slow_tokens"] == p["slow"]["cross_attended_slow_tokens"] == 0
     assert p["slowfast"]["lm_prefill_tokens"] == p["fast"]["lm_prefill_tokens"]
     assert p["slow"]["lm_prefill_tokens"] - p["fast"]["lm_prefill_tokens"] == 256 - 64
@@ -214,16 +232,22 @@ def test_ablation_report_has_a_row_per_variant_and_a_plot(tmp_path):
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
 
 
-def test_ablation_trains_d_as_slow_fast_with_positions_and_a_without(monkeypatch, tmp_path):
+def test_ablation_trains_d_with_positions_a_without_and_e_as_the_scripts_defaults(monkeypatch, tmp_path):
     import playground.ablation as ablation
 
     calls = []
     monkeypatch.setattr(ablation.subprocess, "run", lambda cmd, **kw: calls.append(kw["env"]))
-    for name in ("slowfast", "positions", "fast"):
+    for name in ("slowfast", "positions", "fast", "recipe"):
         ablation.train_variant(name, tmp_path, 29600)
-    assert [(e["VARIANT"], e["SLOW_POSITIONS"]) for e in calls] == [
-        ("slowfast", "none"), ("slowfast", "fourier_spacetime"), ("fast", "none")
-    ]
+    settings = [(e["VARIANT"], e["SLOW_POSITIONS"], e["QUESTIONS"], e["CROSS_ATTN_QUERY"]) for e in calls]
+    assert settings == [
+        ("slowfast", "none", "sampled", "self_attn"), ("slowfast", "fourier_spacetime", "sampled", "self_attn"),
+        ("fast", "none", "sampled", "self_attn"), ("slowfast", "fourier_spacetime", "all", "own"),
+    ]  # fmt: skip
+    # (e) is what the script does when nothing is set
+    script = (REPO / "scripts/tiny/train_tiny.sh").read_text()
+    for name, value in ablation.RECIPES["recipe"].items():
+        assert f'{name}="${{{name}:-{value}}}"' in script, name
 
 
 def test_merge_keeps_the_previous_rows_of_variants_not_rerun_in_table_order(tmp_path):
@@ -260,9 +284,9 @@ def test_readme_shows_the_committed_ablation_output():
     for line in table.strip().splitlines():
         assert line in readme, line
     assert "assets/ablation/ablation.png" in readme and (REPO / "assets/ablation/ablation.png").is_file()
-    # (a) is the committed checkpoint: its row is that checkpoint's test score
+    # (e) is the committed checkpoint: its row is that checkpoint's test score
     committed = json.loads((TINY / "eval_test.json").read_text())
-    assert results["variants"]["slowfast"]["accuracy"] == {f: r["accuracy"] for f, r in committed["families"].items()}
+    assert results["variants"]["recipe"]["accuracy"] == {f: r["accuracy"] for f, r in committed["families"].items()}
 
 
 # ----------------------------------------------------------------- the visual-path probe

@@ -119,13 +119,15 @@ def test_freeze_cross_attn_with_a_zero_warm_up_gate_trains_fast_tokens_only():
 
 
 def test_optimizer_uses_separate_learning_rates(tmp_path):
-    model = tiny_model()
+    model = tiny_model(slow_token_position_encoding="fourier")
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-5, mm_projector_lr=1e-3,
-                             cross_attention_layer_lr=2e-4, vision_tower_lr=3e-6, report_to="none")
+                             cross_attention_layer_lr=2e-4, vision_tower_lr=3e-6, slow_token_position_lr=5e-2,
+                             report_to="none")  # fmt: skip
     trainer = SlowFastTrainer(model=model, args=args)
     optimizer = trainer.create_optimizer()
     by_param = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-    expected = {"projector": 1e-3, "cross_attn": 2e-4, "vision_tower": 3e-6, "language_model": 1e-5}
+    expected = {"projector": 1e-3, "cross_attn": 2e-4, "slow_position": 5e-2, "vision_tower": 3e-6, "language_model": 1e-5}
+    assert parameter_group_of("model.slow_token_position_encoding.weight") == "slow_position"
     for name, param in model.named_parameters():
         assert by_param[id(param)] == expected[parameter_group_of(name)], name
 

@@ -11,6 +11,7 @@ SUPPORTED_PROJECTORS = ("mlp2x_gelu", "linear", "identity")
 CROSS_ATTN_DECODE_MODES = ("attend", "reference")
 CROSS_ATTN_KV_INIT_LAYOUTS = ("per_head", "reference")
 SLOW_TOKEN_POSITION_ENCODINGS = ("none", "fourier", "fourier_spacetime")
+CROSS_ATTN_QUERY_SOURCES = ("self_attn", "own")
 _OVERRIDE_KEYS = {"depths", "dims", "image_size", "norm_eps", "output_stride"}
 
 
@@ -74,6 +75,10 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
             ``"fourier"`` or ``"fourier_spacetime"``: each slow token gets its frame's time (a fraction of the
             clip) and its row and column in the grid, through a learned map that starts at zero (see
             ``llava.model.slow_fast.SlowTokenPositionEncoding``).
+        cross_attn_query_source: ``"self_attn"`` (the reference: the hybrid layers query the slow tokens with the
+            self-attention's query, after its rotary embedding) or ``"own"``: each hybrid layer has a
+            ``cross_attn_q_proj`` of its own, without rotary embedding, so that a query matches a slow key by
+            content wherever the text sits (see ``llava.model.hybrid_layer.SlowFastAttention``).
     """
 
     model_type = "llava_qwen_slow_fast"
@@ -83,6 +88,7 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
     base_model_tp_plan = {
         **Qwen2Config.base_model_tp_plan,
         "layers.*.self_attn.cross_attn_kv_proj": "colwise",
+        "layers.*.self_attn.cross_attn_q_proj": "colwise",
         "layers.*.self_attn.cross_attn_gate_proj.*": "rowwise",
     }
 
@@ -122,6 +128,7 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
     cross_attn_gating_type: str = "whole-dynamic-tanh-warmup"
     cross_attn_decode_mode: str = "attend"
     slow_token_position_encoding: str = "none"
+    cross_attn_query_source: str = "self_attn"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -205,6 +212,8 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
             raise bad("cross_attn_decode_mode", f"must be one of {list(CROSS_ATTN_DECODE_MODES)}")
         if self.slow_token_position_encoding not in SLOW_TOKEN_POSITION_ENCODINGS:
             raise bad("slow_token_position_encoding", f"must be one of {list(SLOW_TOKEN_POSITION_ENCODINGS)}")
+        if self.cross_attn_query_source not in CROSS_ATTN_QUERY_SOURCES:
+            raise bad("cross_attn_query_source", f"must be one of {list(CROSS_ATTN_QUERY_SOURCES)}")
         if self.image_aspect_ratio not in ("pad", "square", "original", "resize"):
             raise bad("image_aspect_ratio", "must be 'pad' or 'square' (others are treated as 'square')")
         if self.tokenizer_padding_side not in ("left", "right"):

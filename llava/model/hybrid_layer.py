@@ -4,7 +4,8 @@ At a querying position the attention output (before ``o_proj``) becomes
 
     self_attn + g * cross_attn(q, K_slow, V_slow)
 
-where ``q`` is the self-attention's query after RoPE, ``K_slow, V_slow = cross_attn_kv_proj(input_layernorm(slow))``
+where ``q`` is the self-attention's query after RoPE (or, with ``cross_attn_query_source="own"``, the layer's
+own ``cross_attn_q_proj`` of the same normalised input, without RoPE), ``K_slow, V_slow = cross_attn_kv_proj(input_layernorm(slow))``
 (read per key/value head as ``[key, value]``, no RoPE, repeated for grouped-query attention), and ``g`` is the
 ``whole-dynamic`` gate computed from the self-attention output.
 """
@@ -202,7 +203,8 @@ def _flash_varlen_cross_attention(
 
 
 class SlowFastAttention(Qwen2Attention):
-    """Qwen2 attention plus ``cross_attn_kv_proj``, ``cross_attn_gate_proj`` and ``cross_attn_warm_up_gate``."""
+    """Qwen2 attention plus ``cross_attn_kv_proj``, ``cross_attn_gate_proj``, ``cross_attn_warm_up_gate`` and,
+    with ``config.cross_attn_query_source == "own"``, ``cross_attn_q_proj``."""
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -215,6 +217,11 @@ class SlowFastAttention(Qwen2Attention):
         # the reference squashes the warm-up scalar through tanh in text-only modes only
         self.warm_up_through_tanh = cross_attn_query_mode(config.cross_attn_implementation) != "all"
         self.slow_attention = SlowCrossAttention()
+        # The reference reuses the self-attention's rotated query, so its match with a (position-less) slow key
+        # turns with the querying token's position; an own projection without RoPE matches by content alone.
+        self.cross_attn_q_proj = None
+        if getattr(config, "cross_attn_query_source", "self_attn") == "own":
+            self.cross_attn_q_proj = nn.Linear(config.hidden_size, inner, bias=True)
 
     def project_slow(self, normed_slow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, S, hidden]`` -> keys, values ``[B, Hkv, S, D]``; the projection is read as (head, [k, v], D)."""
@@ -270,6 +277,8 @@ class SlowFastAttention(Qwen2Attention):
         output = output.reshape(*input_shape, -1).contiguous()
 
         if slow_key_values is not None and cross_attn_query_mask is not None:
+            if self.cross_attn_q_proj is not None:
+                query = self.cross_attn_q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             context, _ = self.slow_attention(
                 query,
                 *slow_key_values,
@@ -288,7 +297,11 @@ class SlowFastAttention(Qwen2Attention):
 
         ``per_head`` (intended): each key/value head's key and value equal the language model's.
         ``reference``: ``[k_proj; v_proj]`` stacked, as the reference does (scrambled by the per-head reading).
+        An own ``cross_attn_q_proj`` starts as a copy of ``q_proj``.
         """
+        if self.cross_attn_q_proj is not None:
+            self.cross_attn_q_proj.weight.copy_(self.q_proj.weight)
+            self.cross_attn_q_proj.bias.copy_(self.q_proj.bias)
         k_w, v_w = self.k_proj.weight, self.v_proj.weight
         k_b, v_b = self.k_proj.bias, self.v_proj.bias
         if layout == "reference":

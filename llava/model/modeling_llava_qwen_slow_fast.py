@@ -581,7 +581,8 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             tower.load_pretrained(source)
 
     def initialize_cross_attn_kv_from_lm(self, layout: str = "per_head") -> None:
-        """Start every hybrid layer's ``cross_attn_kv_proj`` from its ``k_proj``/``v_proj`` (see
+        """Start every hybrid layer's ``cross_attn_kv_proj`` from its ``k_proj``/``v_proj`` (and an own
+        ``cross_attn_q_proj`` from its ``q_proj``; see
         [`SlowFastAttention.init_cross_attn_kv_from_lm`]). Works with ZeRO-3 partitioned parameters."""
         if layout not in CROSS_ATTN_KV_INIT_LAYOUTS:
             raise ValueError(f"layout={layout!r}: use one of {list(CROSS_ATTN_KV_INIT_LAYOUTS)}")
@@ -589,6 +590,8 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             attn = layer.self_attn
             params = [attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias]
             params += list(attn.cross_attn_kv_proj.parameters())
+            if attn.cross_attn_q_proj is not None:
+                params += [attn.q_proj.weight, attn.q_proj.bias, *attn.cross_attn_q_proj.parameters()]
             with _gathered(params):
                 attn.init_cross_attn_kv_from_lm(layout)
 

@@ -69,6 +69,11 @@ class ModelArguments:
     cross_attn_max_layer_depth: int | None = field(default=None)
     cross_attn_implementation: str = field(default="text-only-vanilla-flashattn")
     cross_attn_gating_type: str = field(default="whole-dynamic-tanh-warmup")
+    cross_attn_query_source: str = field(
+        default="self_attn",
+        metadata={"help": "How hybrid layers query the slow tokens: self_attn (the reference: the self-attention's "
+                          "query after RoPE) or own (a cross_attn_q_proj per layer, without RoPE)."},
+    )
     cross_attn_head_num: int | None = field(
         default=None, metadata={"help": "Accepted for the reference's command lines; must equal the LM's heads."}
     )
@@ -105,6 +110,11 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None, metadata={"help": "Learning rate of the cross_attn_* parameters."}
     )
     vision_tower_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower."})
+    slow_token_position_lr: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the slow-token position encoding (default: --learning_rate). Its map "
+                          "starts at zero, so a higher rate lets the hybrid layers read time and place sooner."},
+    )
     group_by_modality_length: bool = field(default=False)
     lora_enable: bool = field(default=False)
     lora_r: int = field(default=64)

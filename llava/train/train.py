@@ -57,6 +57,7 @@ _CONFIG_FIELDS = (
     "cross_attn_max_layer_depth",
     "cross_attn_implementation",
     "cross_attn_gating_type",
+    "cross_attn_query_source",
     "slow_token_position_encoding",
 )
 
@@ -353,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank leaves together: a rank that tears the group down while another still finishes its last
+        # collective (the final save, a stop signal's checkpoint) can abort gloo's threads at exit.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if outcome["status"] == "stopped" and "TORCHELASTIC_RUN_ID" not in os.environ:
         return STOPPED_EXIT_STATUS

@@ -20,10 +20,14 @@ logger = logging.getLogger("llava.train")
 PROJECTOR = "mm_projector"
 CROSS_ATTN = "cross_attn_"
 VISION_TOWER = "vision_tower"
+SLOW_POSITION = "slow_token_position_encoding"
 
 
 def parameter_group_of(name: str) -> str:
-    """``projector``, ``cross_attn``, ``vision_tower`` or ``language_model`` for a parameter name."""
+    """``projector``, ``cross_attn``, ``slow_position``, ``vision_tower`` or ``language_model`` for a parameter
+    name."""
+    if SLOW_POSITION in name:
+        return "slow_position"
     if PROJECTOR in name:
         return "projector"
     if CROSS_ATTN in name:
@@ -48,7 +52,8 @@ def _epoch_samplers(dataloader) -> list:
 
 
 class SlowFastTrainer(Trainer):
-    """Adds separate learning rates (``mm_projector_lr``, ``cross_attention_layer_lr``, ``vision_tower_lr``),
+    """Adds separate learning rates (``mm_projector_lr``, ``cross_attention_layer_lr``, ``slow_token_position_lr``,
+    ``vision_tower_lr``),
     ``group_by_modality_length`` sampling, the choice of loss normalisation (``loss_reduction``), complete-or-
     ignored checkpoints (:mod:`llava.train.checkpoints`) and early stops with a checkpoint
     (:mod:`llava.train.stopping`, ``stop_request``)."""
@@ -133,6 +138,7 @@ class SlowFastTrainer(Trainer):
         rates = {
             "projector": self.args.mm_projector_lr,
             "cross_attn": self.args.cross_attention_layer_lr,
+            "slow_position": getattr(self.args, "slow_token_position_lr", None),
             "vision_tower": self.args.vision_tower_lr,
             "language_model": None,
         }

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Train a tiny Slow-Fast model from nothing, on CPU (2 cores: about 25 minutes). assets/tiny-slowfast is
-# SLOW_POSITIONS=none SLOW_POOLING=2; the defaults, fourier_spacetime and 1, give the slow tokens their time and
-# place at the tower's full grid, the model that reads direction and the flash (README.md, "Slow tokens with
-# positions").
+# Train a tiny Slow-Fast model from nothing, on CPU (2 cores: about 35 minutes), the recipe of assets/tiny-slowfast:
+# slow tokens at the tower's full grid with their time and place (fourier_spacetime), hybrid layers that query
+# them with a projection of their own (--cross_attn_query_source own), every question of each training video
+# (README.md, "A tiny model trained on CPU").
 #
 #   bash scripts/tiny/train_tiny.sh [OUT]          # default OUT: checkpoints/tiny-slowfast
 #
 # Stages (each skipped when its output already exists, so a stopped run resumes at the stage it was in):
 #   0. data:  the synthetic moving-shapes task, train / val / test splits rendered separately
-#             (playground/synthetic_data.py), into $WORK/data;
+#             (playground/synthetic_data.py), into $WORK/data (the training split asking every question:
+#             $WORK/data-all-questions);
 #   1. tower: the tiny ConvNeXt pretrained on dense per-cell colour and shape labels
 #             (playground/pretrain_tower.py): the stand-in for the released model's CLIP tower;
 #   2. base:  a randomly initialised Qwen2 language model and a small byte-level BPE tokenizer
@@ -23,7 +24,11 @@
 # SLOW_POSITIONS [fourier_spacetime] the slow tokens' position encoding (--slow_token_position_encoding: none,
 # fourier, fourier_spacetime; slowfast only, the other variants have no slow path); SLOW_POOLING [1] the slow
 # tokens' grid (1: the tower's 8 x 8 cells, 1,024 slow tokens a video; 2: pooled 2 x 2, 256; slowfast only, the
-# other variants pool 2 x 2); SEED [0] of the training stage
+# other variants pool 2 x 2); CROSS_ATTN_QUERY [own] how the hybrid layers query the slow tokens (own: a
+# projection without rotary embedding; self_attn: the published layer's, the self-attention's rotated query;
+# slowfast only); QUESTIONS [all] per training video (all: every question it answers, in one conversation;
+# sampled: its primary question and up to two others, the data of every run before run 23); SEED [0] of the
+# training stage
 # (initialisation and data order; the data, tower and base stay those of seed 0);
 # EXTRA_TRAIN_ARGS [none] more trainer options, after the recipe's (so they win); PYTHON [python3];
 # NPROC_PER_NODE [2]; THREADS [cores / NPROC_PER_NODE, per process]; MASTER_PORT [29500]. MAX_STEPS changes the
@@ -36,6 +41,8 @@ WORK="${WORK:-$OUT.work}"
 VARIANT="${VARIANT:-slowfast}"
 SLOW_POSITIONS="${SLOW_POSITIONS:-fourier_spacetime}"
 SLOW_POOLING="${SLOW_POOLING:-1}"
+QUESTIONS="${QUESTIONS:-all}"
+CROSS_ATTN_QUERY="${CROSS_ATTN_QUERY:-own}"
 SEED="${SEED:-0}"
 PYTHON="${PYTHON:-python3}"
 MAX_STEPS="${MAX_STEPS:-3000}" TOWER_STEPS="${TOWER_STEPS:-2000}"
@@ -55,6 +62,14 @@ TRAIN_VIDEOS="${TRAIN_VIDEOS:-8000}" VAL_VIDEOS="${VAL_VIDEOS:-200}" TEST_VIDEOS
 TOWER_ARGS=(--image-size "$SIZE" --depths 1,1,1,1 --dims 16,32,48,64 --output-stride 8)
 OVERRIDES="{\"depths\":[1,1,1,1],\"dims\":[16,32,48,64],\"image_size\":$SIZE,\"output_stride\":8}"
 
+case "$QUESTIONS" in
+    all|sampled) ;;
+    *) echo "error: QUESTIONS=$QUESTIONS: use all (every question of a training video) or sampled (a few)" >&2; exit 2 ;;
+esac
+case "$CROSS_ATTN_QUERY" in
+    own|self_attn) ;;
+    *) echo "error: CROSS_ATTN_QUERY=$CROSS_ATTN_QUERY: use own (a query projection of its own) or self_attn (the published layer's)" >&2; exit 2 ;;
+esac
 case "$SLOW_POOLING" in
     1|2) ;;
     *) echo "error: SLOW_POOLING=$SLOW_POOLING: use 1 (an 8 x 8 grid of slow tokens a frame) or 2 (4 x 4)" >&2; exit 2 ;;
@@ -66,7 +81,7 @@ case "$VARIANT" in
     # (SLOW_POSITIONS).
     slowfast) VARIANT_ARGS=(--mm_video_pooling_stride "$SLOW_POOLING" --fast_token_temporal_stride 1
                             --fast_token_spatial_stride $(( 4 / SLOW_POOLING ))
-                            --slow_token_position_encoding "$SLOW_POSITIONS") ;;
+                            --slow_token_position_encoding "$SLOW_POSITIONS" --cross_attn_query_source "$CROSS_ATTN_QUERY") ;;
     # The same 64 fast tokens, no hybrid layers.
     fast) VARIANT_ARGS=(--mm_video_pooling_stride 2 --cross_attn_max_layer_depth 0 --fast_token_temporal_stride 1
                         --fast_token_spatial_stride 2) ;;
@@ -81,11 +96,15 @@ log() { echo "[train_tiny $(date +%H:%M:%S)] $*" >&2; }
 DATA="$WORK/data"
 
 # 0. data
-for spec in "train $TRAIN_VIDEOS 0" "val $VAL_VIDEOS 1" "test $TEST_VIDEOS 2"; do
-    read -r split videos seed <<<"$spec"
-    if [[ ! -f "$DATA/$split.json" ]]; then
-        log "rendering the $split split ($videos videos)"
-        "$PYTHON" -m playground.synthetic_data --out "$DATA" --split "$split" --seed "$seed" \
+# The training split asks each video every question it answers (QUESTIONS=all) or a few (sampled), in a folder of
+# its own per choice; val and test always ask a few, as the scores have since the first run.
+TRAIN_DATA="$DATA"
+if [[ "$QUESTIONS" == all ]]; then TRAIN_DATA="$WORK/data-all-questions"; fi
+for spec in "train $TRAIN_VIDEOS 0 $QUESTIONS $TRAIN_DATA" "val $VAL_VIDEOS 1 sampled $DATA" "test $TEST_VIDEOS 2 sampled $DATA"; do
+    read -r split videos seed questions root <<<"$spec"
+    if [[ ! -f "$root/$split.json" ]]; then
+        log "rendering the $split split ($videos videos, $questions questions)"
+        "$PYTHON" -m playground.synthetic_data --out "$root" --split "$split" --seed "$seed" --questions "$questions" \
             --num-videos "$videos" --num-images 0 --num-text 0 --size "$SIZE" --frames "$FRAMES" --fps "$FPS" >/dev/null
     fi
 done
@@ -109,12 +128,14 @@ fi
 RUN="$WORK/sft-$VARIANT"
 if [[ "$VARIANT" == slowfast && "$SLOW_POSITIONS" != none ]]; then RUN="$RUN-$SLOW_POSITIONS"; fi
 if [[ "$VARIANT" == slowfast && "$SLOW_POOLING" != 2 ]]; then RUN="$RUN-pool$SLOW_POOLING"; fi
+if [[ "$VARIANT" == slowfast && "$CROSS_ATTN_QUERY" != own ]]; then RUN="$RUN-query_$CROSS_ATTN_QUERY"; fi
+if [[ "$QUESTIONS" != all ]]; then RUN="$RUN-questions_$QUESTIONS"; fi
 if [[ "$SEED" != 0 ]]; then RUN="$RUN-seed$SEED"; fi
 if [[ ! -f "$RUN/model.safetensors" ]]; then
     log "training ($VARIANT, slow-token positions ${SLOW_POSITIONS}, $MAX_STEPS steps)"
     source "$ROOT/scripts/launch_train.sh"
     (
-        export MODEL="$BASE" DATA_PATH="$DATA/train.json" VIDEO_DIR="$DATA" OUTPUT_DIR="$RUN"
+        export MODEL="$BASE" DATA_PATH="$TRAIN_DATA/train.json" VIDEO_DIR="$TRAIN_DATA" OUTPUT_DIR="$RUN"
         export NPROC_PER_NODE OMP_NUM_THREADS="$THREADS"
         launch_train --version qwen_1_5 \
             --vision_tower convnext-576 --vision_tower_pretrained "$TOWER" --mm_vision_tower_overrides "$OVERRIDES" \
