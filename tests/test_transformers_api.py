@@ -180,11 +180,11 @@ def test_parallelism_plans_cover_qwen2s_and_the_hybrid_projections():
 
     from transformers import Qwen2ForCausalLM
 
-    model = tiny_model()
+    model = tiny_model(cross_attn_query_source="own")  # the own query's projection is in the plan too
     assert type(model)._tp_plan == Qwen2ForCausalLM._tp_plan
     assert type(model)._pp_plan == Qwen2ForCausalLM._pp_plan
     plan = model.config.base_model_tp_plan
-    assert plan["layers.*.self_attn.cross_attn_kv_proj"] == "colwise"
+    assert plan["layers.*.self_attn.cross_attn_kv_proj"] == plan["layers.*.self_attn.cross_attn_q_proj"] == "colwise"
     names = [name for name, _ in model.model.named_modules()]
     for pattern in plan:  # every entry names real modules
         regex = re.compile("^" + re.escape(pattern).replace(r"\*", r"\d+") + "$")
