@@ -32,6 +32,8 @@ FAMILY_ANSWERS: dict[str, tuple[str, ...]] = {
     "video_count": NUMBER_WORDS[1:4],
     "video_first": SHAPES,
     "video_flash": tuple(COLORS),
+    # Training-only (``synthetic_data --questions all_shape``): scored when a split has it, as on training data.
+    "video_shape": SHAPES,
 }
 # Exact question forms of each family, matched on the text (the annotation files carry no family).
 FAMILY_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -40,6 +42,7 @@ FAMILY_PREFIXES: tuple[tuple[str, str], ...] = (
     ("How many shapes are there?", "video_count"),
     ("Which shape appears first?", "video_first"),
     ("What color was the flash?", "video_flash"),
+    ("Which shape is ", "video_shape"),
 )
 
 

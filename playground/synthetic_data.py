@@ -24,7 +24,7 @@ Text-only samples have neither ``video`` nor ``image`` and no ``<image>``.
 Usage::
 
     python -m playground.synthetic_data --out DIR [--num-videos 24] [--num-images 6] [--num-text 6]
-        [--size 64] [--frames 16] [--fps 8] [--seed 0] [--split train] [--questions sampled|all]
+        [--size 64] [--frames 16] [--fps 8] [--seed 0] [--split train] [--questions sampled|all|all_shape]
 
 The split name is mixed into the seed, so two splits generated with the same ``--seed`` still differ,
 and the same arguments give byte-identical JSON and identical frames.
@@ -62,9 +62,12 @@ NUMBER_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 VIDEO_FAMILIES: tuple[str, ...] = ("video_color", "video_direction", "video_count", "video_first", "video_flash")
+# Asked only of training videos, with ``questions="all_shape"``: the one family besides `first` whose answer is a
+# shape's name ("Which shape is red?"); never in the val or test splits, so their families stay the five above.
+TRAINING_ONLY_FAMILIES: tuple[str, ...] = ("video_shape",)
 IMAGE_FAMILIES: tuple[str, ...] = ("image_color", "image_count")
 TEXT_FAMILIES: tuple[str, ...] = ("text_mix", "text_words", "text_arith", "text_sides")
-FAMILIES: tuple[str, ...] = VIDEO_FAMILIES + IMAGE_FAMILIES + TEXT_FAMILIES
+FAMILIES: tuple[str, ...] = VIDEO_FAMILIES + TRAINING_ONLY_FAMILIES + IMAGE_FAMILIES + TEXT_FAMILIES
 
 IMAGE_TOKEN = "<image>"
 MIN_SIZE, MAX_SIZE = 64, 128
@@ -87,7 +90,7 @@ _WORDS: tuple[str, ...] = (
     "the", "cat", "sat", "on", "a", "red", "mat", "dog", "runs", "fast", "in", "park", "sun", "is", "warm",
     "we", "like", "green", "apples", "birds", "sing", "every", "morning", "small", "boat", "sails", "home",
 )  # fmt: skip
-QUESTION_MODES: tuple[str, ...] = ("sampled", "all")
+QUESTION_MODES: tuple[str, ...] = ("sampled", "all", "all_shape")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -407,6 +410,11 @@ def scene_questions(spec: SceneSpec, media: str = "video") -> dict[str, list[QA]
     return out
 
 
+def shape_questions(spec: SceneSpec) -> list[QA]:
+    """"Which shape is <colour>?" for each shape of the scene (colours are distinct within a scene)."""
+    return [QA("video_shape", f"Which shape is {s.color}?", s.shape) for s in spec.shapes]
+
+
 def _pick_turns(rng: np.random.Generator, pool: dict[str, list[QA]], primary: str, max_extra: int) -> list[QA]:
     """The primary family's question first, then up to ``max_extra`` other distinct questions."""
     first = pool[primary][int(rng.integers(len(pool[primary])))]
@@ -499,14 +507,18 @@ def plan_dataset(
     ``questions``: ``"sampled"`` asks each video its primary question and up to two others, half the time as one
     conversation and otherwise one sample each; ``"all"`` asks every question the scene answers
     (:func:`scene_questions`) in one conversation, in a random order where no direction question (which names
-    the shape's colour) comes before that shape's colour question. Both draw the same scenes from the same stream, so the videos are identical.
+    the shape's colour) comes before that shape's colour question; ``"all_shape"`` is ``"all"`` plus a second
+    conversation asking which shape has each colour (:func:`shape_questions`; that conversation's order comes
+    from a stream of its own, so the first conversation is the one ``"all"`` gives). All draw the same scenes from
+    the same stream, so the videos are identical.
     """
     if questions not in QUESTION_MODES:
         raise ValueError(f"questions must be one of {QUESTION_MODES}, got {questions!r}")
     _check_args(num_videos, num_images, num_text, size, frames, fps=1, split=split)
     # crc32 rather than hash(): str hashes are salted per process.
-    video_rng, image_rng, text_rng, order_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence([seed, zlib.crc32(split.encode())]).spawn(4)
+    # Child i of spawn(n) is the same for every n > i: the fifth stream leaves the first four as they were.
+    video_rng, image_rng, text_rng, order_rng, shape_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([seed, zlib.crc32(split.encode())]).spawn(5)
     )
 
     samples: list[PlannedSample] = []
@@ -521,9 +533,15 @@ def plan_dataset(
         pool = scene_questions(spec, "video")
         turns = _pick_turns(video_rng, pool, primary, max_extra=2)
         planned = _media_samples(video_rng, turns, "video", i, split)
-        if questions == "all":
+        if questions in ("all", "all_shape"):
             # Drawn from a stream of their own, so that the scenes stay those of "sampled".
             planned = [PlannedSample(f"{split}_video_{i:04d}_0", "video", i, _all_turns(order_rng, spec, pool))]
+        if questions == "all_shape":
+            # A conversation of their own: next to a colour or direction question, either would give the other's
+            # answer away.
+            shapes = shape_questions(spec)
+            turns = tuple(shapes[int(k)] for k in shape_rng.permutation(len(shapes)))
+            planned.append(PlannedSample(f"{split}_video_{i:04d}_1", "video", i, turns))
         samples += planned
 
     images = []
@@ -651,7 +669,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--questions", default="sampled", choices=QUESTION_MODES,
         help="per video: its primary question and up to two others (sampled, the default), or every question it "
-        "answers in one conversation (all)",
+        "answers in one conversation (all), or all plus a second conversation asking which shape has each colour "
+        "(all_shape)",
     )
     args = parser.parse_args(argv)
     try:

@@ -16,6 +16,7 @@ from playground.synthetic_data import (
     DIRECTIONS,
     FAMILIES,
     SHAPES,
+    TRAINING_ONLY_FAMILIES,
     DatasetPlan,
     SceneSpec,
     generate_dataset,
@@ -135,7 +136,8 @@ def test_every_question_family_appears(plan: DatasetPlan) -> None:
     counts = plan.family_counts()
 
     assert set(counts) == set(FAMILIES)
-    assert all(counts[f] > 0 for f in FAMILIES), counts
+    assert all(counts[f] > 0 for f in FAMILIES if f not in TRAINING_ONLY_FAMILIES), counts
+    assert all(counts[f] == 0 for f in TRAINING_ONLY_FAMILIES), counts
 
 
 def test_video_questions_have_the_exact_forms_and_valid_answers(plan: DatasetPlan) -> None:
@@ -383,3 +385,60 @@ def test_all_questions_mode_never_names_a_colour_before_its_colour_question(plan
             if (match := DIRECTION_Q.match(question)) is not None:
                 assert f"What color is the {match.group(2)}?" in questions[:k], questions
     assert len(orders) > 5  # the order is random, not one fixed layout
+
+
+# ----------------------------------------------------------------- which shape has each colour
+
+
+@pytest.fixture(scope="module")
+def plan_all_shape() -> DatasetPlan:
+    return plan_dataset(**{**SMALL, "num_videos": 40}, questions="all_shape")
+
+
+def test_all_shape_mode_is_all_plus_a_conversation_of_shape_questions(
+    plan_all: DatasetPlan, plan_all_shape: DatasetPlan
+) -> None:
+    assert plan_all_shape.videos == plan_all.videos and plan_all_shape.images == plan_all.images
+    first = [s for s in plan_all_shape.samples if s.media != "video" or s.id.endswith("_0")]
+    assert first == list(plan_all.samples)
+    second = [s for s in plan_all_shape.samples if s.media == "video" and s.id.endswith("_1")]
+    assert [s.media_index for s in second] == list(range(len(plan_all_shape.videos)))
+    for sample in second:
+        spec = plan_all_shape.videos[sample.media_index]
+        assert sorted((qa.question, qa.answer) for qa in sample.turns) == sorted(
+            (f"Which shape is {s.color}?", s.shape) for s in spec.shapes
+        )
+        assert {qa.family for qa in sample.turns} == {"video_shape"}
+
+
+def test_shape_questions_never_share_a_conversation_with_colour_or_direction(plan_all_shape: DatasetPlan) -> None:
+    # Either would give the other's answer away: "What color is the square?" -> red, "Which shape is red?".
+    for sample in plan_all_shape.samples:
+        families = {qa.family for qa in sample.turns}
+        if "video_shape" in families:
+            assert families == {"video_shape"}, sample
+
+
+def test_shape_question_answers_match_the_pixels(plan_all_shape: DatasetPlan) -> None:
+    for sample in plan_all_shape.samples[:20]:
+        if sample.media != "video" or not sample.id.endswith("_1"):
+            continue
+        spec = plan_all_shape.videos[sample.media_index]
+        frames = render_scene(spec)
+        for qa in sample.turns:
+            color = qa.question.removeprefix("Which shape is ").removesuffix("?")
+            shape = next(s for s in spec.shapes if s.shape == qa.answer)
+            t = spec.frames - 1  # every shape is on screen in the last frame
+            x, y = shape.position(t)
+            box = frames[t, y : y + shape.size, x : x + shape.size][shape_mask(shape.shape, shape.size)]
+            assert (box == COLORS[color]).all(axis=-1).mean() > 0.9
+
+
+def test_evaluation_reads_the_shape_family_only_where_a_split_has_it(tmp_path: Path) -> None:
+    from playground.evaluate_synthetic import FAMILY_ANSWERS, load_questions, question_family
+
+    assert question_family("Which shape is red?") == "video_shape"
+    assert question_family("Which shape appears first?") == "video_first"
+    generate_dataset(tmp_path, **{**SMALL, "num_videos": 5, "num_images": 0, "num_text": 0}, questions="all_shape")
+    families = {q.family for q in load_questions(tmp_path, "train")}
+    assert "video_shape" in families and families <= set(FAMILY_ANSWERS)

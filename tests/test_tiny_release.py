@@ -23,7 +23,7 @@ from playground.ablation import (
 )
 from playground.demo_video import DEMO_QUESTIONS
 from playground.evaluate_synthetic import FAMILY_ANSWERS, evaluate_checkpoint
-from playground.synthetic_data import generate_dataset
+from playground.synthetic_data import VIDEO_FAMILIES, generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny-slowfast"
@@ -36,7 +36,7 @@ README_QUESTIONS = (
     "Which direction does the blue circle move?",
     "What color was the flash?",
 )
-# The families the committed checkpoint has learned; direction is still at chance (see the README).
+# The families the committed checkpoint has learned; `first` is at chance (see the README).
 LEARNED_FAMILIES = ("video_color", "video_direction", "video_count", "video_flash")
 
 
@@ -111,7 +111,7 @@ def test_committed_checkpoint_beats_chance_on_the_learned_families(tmp_path):
     generate_dataset(tmp_path, num_videos=60, num_images=0, num_text=0, size=64, frames=16, fps=8, seed=2, split="test")
     result = evaluate_checkpoint(str(TINY), str(tmp_path), "test")
 
-    assert set(result["families"]) == set(FAMILY_ANSWERS)
+    assert set(result["families"]) == set(VIDEO_FAMILIES)  # the test split never asks video_shape
     for family in LEARNED_FAMILIES:
         r = result["families"][family]
         assert r["accuracy"] >= r["chance"] + 20, (family, r)
@@ -160,6 +160,14 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
     # EXTRA_TRAIN_ARGS come after the recipe's options and win: a loss logged at each of the 2 steps.
     state = json.loads((tmp_path / "work" / "sft-slowfast-fourier_spacetime-pool1" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
+    # QUESTIONS=all_shape: a training split of its own, with a second conversation per video, and a run of its own.
+    shaped = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(tmp_path / "tiny-shape")],
+                            env={**env, "QUESTIONS": "all_shape"}, cwd=REPO, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert shaped.returncode == 0, shaped.stderr[-3000:]
+    train = json.loads((tmp_path / "work" / "data-all-shape-questions" / "train.json").read_text())
+    assert len(train) == 12 and sum("Which shape is " in r["conversations"][0]["value"] for r in train) == 6
+    assert (tmp_path / "work" / "sft-slowfast-fourier_spacetime-pool1-questions_all_shape" / "model.safetensors").is_file()
     bad = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)], env={**env, "VARIANT": "huge"},
                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "VARIANT=huge" in bad.stderr

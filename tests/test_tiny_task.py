@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 from playground.evaluate_synthetic import FAMILY_ANSWERS, Question, first_word, question_family, score
 from playground.pretrain_tower import NUM_LABELS, cell_targets, label_maps, pretrain_tower
-from playground.synthetic_data import COLORS, SHAPES, FlashSpec, SceneSpec, ShapeSpec, scene_questions
+from playground.synthetic_data import COLORS, SHAPES, FlashSpec, SceneSpec, ShapeSpec, scene_questions, shape_questions
 
 
 def scene() -> SceneSpec:
@@ -52,6 +52,8 @@ def test_every_video_question_form_maps_to_its_family():
         for qa in qas:
             assert question_family(qa.question) == family
             assert qa.answer in FAMILY_ANSWERS[family]
+    for qa in shape_questions(scene()):
+        assert question_family(qa.question) == qa.family == "video_shape" and qa.answer in FAMILY_ANSWERS[qa.family]
     with pytest.raises(ValueError, match="not a synthetic video question"):
         question_family("What is the capital of France?")
 
