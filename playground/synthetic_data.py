@@ -24,7 +24,7 @@ Text-only samples have neither ``video`` nor ``image`` and no ``<image>``.
 Usage::
 
     python -m playground.synthetic_data --out DIR [--num-videos 24] [--num-images 6] [--num-text 6]
-        [--size 64] [--frames 16] [--fps 8] [--seed 0] [--split train] [--questions sampled|all|all_shape]
+        [--size 64] [--frames 16] [--fps 8] [--seed 0] [--split train] [--questions sampled|all|all_shape|all_shape_flash]
 
 The split name is mixed into the seed, so two splits generated with the same ``--seed`` still differ,
 and the same arguments give byte-identical JSON and identical frames.
@@ -62,8 +62,9 @@ NUMBER_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 VIDEO_FAMILIES: tuple[str, ...] = ("video_color", "video_direction", "video_count", "video_first", "video_flash")
-# Asked only of training videos, with ``questions="all_shape"``: the one family besides `first` whose answer is a
-# shape's name ("Which shape is red?"); never in the val or test splits, so their families stay the five above.
+# Asked only of training videos, with ``questions="all_shape"`` or ``"all_shape_flash"``: the one family besides
+# `first` whose answer is a shape's name ("Which shape is red?"); never in the val or test splits, so their
+# families stay the five above.
 TRAINING_ONLY_FAMILIES: tuple[str, ...] = ("video_shape",)
 IMAGE_FAMILIES: tuple[str, ...] = ("image_color", "image_count")
 TEXT_FAMILIES: tuple[str, ...] = ("text_mix", "text_words", "text_arith", "text_sides")
@@ -90,7 +91,7 @@ _WORDS: tuple[str, ...] = (
     "the", "cat", "sat", "on", "a", "red", "mat", "dog", "runs", "fast", "in", "park", "sun", "is", "warm",
     "we", "like", "green", "apples", "birds", "sing", "every", "morning", "small", "boat", "sails", "home",
 )  # fmt: skip
-QUESTION_MODES: tuple[str, ...] = ("sampled", "all", "all_shape")
+QUESTION_MODES: tuple[str, ...] = ("sampled", "all", "all_shape", "all_shape_flash")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -509,8 +510,11 @@ def plan_dataset(
     (:func:`scene_questions`) in one conversation, in a random order where no direction question (which names
     the shape's colour) comes before that shape's colour question; ``"all_shape"`` is ``"all"`` plus a second
     conversation asking which shape has each colour (:func:`shape_questions`; that conversation's order comes
-    from a stream of its own, so the first conversation is the one ``"all"`` gives). All draw the same scenes from
-    the same stream, so the videos are identical.
+    from a stream of its own, so the first conversation is the one ``"all"`` gives); ``"all_shape_flash"`` is
+    ``"all_shape"`` with the flash's question, where the video has a flash, asked again at the end of the second
+    conversation (the shape questions halve how often each first conversation is seen; this keeps the flash, the
+    rarest family, at the rate ``"all"`` gives it). All draw the same scenes from the same stream, so the videos
+    are identical.
     """
     if questions not in QUESTION_MODES:
         raise ValueError(f"questions must be one of {QUESTION_MODES}, got {questions!r}")
@@ -533,14 +537,18 @@ def plan_dataset(
         pool = scene_questions(spec, "video")
         turns = _pick_turns(video_rng, pool, primary, max_extra=2)
         planned = _media_samples(video_rng, turns, "video", i, split)
-        if questions in ("all", "all_shape"):
+        if questions in ("all", "all_shape", "all_shape_flash"):
             # Drawn from a stream of their own, so that the scenes stay those of "sampled".
             planned = [PlannedSample(f"{split}_video_{i:04d}_0", "video", i, _all_turns(order_rng, spec, pool))]
-        if questions == "all_shape":
+        if questions in ("all_shape", "all_shape_flash"):
             # A conversation of their own: next to a colour or direction question, either would give the other's
             # answer away.
             shapes = shape_questions(spec)
             turns = tuple(shapes[int(k)] for k in shape_rng.permutation(len(shapes)))
+            if questions == "all_shape_flash":
+                # Last, where the shapes' names give away nothing of the flash's colour but what the video shows
+                # (no shape has it).
+                turns += tuple(pool.get("video_flash", ()))
             planned.append(PlannedSample(f"{split}_video_{i:04d}_1", "video", i, turns))
         samples += planned
 
@@ -670,7 +678,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--questions", default="sampled", choices=QUESTION_MODES,
         help="per video: its primary question and up to two others (sampled, the default), or every question it "
         "answers in one conversation (all), or all plus a second conversation asking which shape has each colour "
-        "(all_shape)",
+        "(all_shape), and that second conversation also asking the flash's colour where there is one (all_shape_flash)",
     )
     args = parser.parse_args(argv)
     try:

@@ -411,12 +411,38 @@ def test_all_shape_mode_is_all_plus_a_conversation_of_shape_questions(
         assert {qa.family for qa in sample.turns} == {"video_shape"}
 
 
+def test_all_shape_flash_mode_asks_the_flash_again_last_in_the_shape_conversation(
+    plan_all_shape: DatasetPlan,
+) -> None:
+    plan = plan_dataset(**{**SMALL, "num_videos": 40}, questions="all_shape_flash")
+    assert plan.videos == plan_all_shape.videos
+    flashes = 0
+    for sample, shaped in zip(plan.samples, plan_all_shape.samples, strict=True):
+        spec = plan.videos[sample.media_index] if sample.media == "video" else None
+        if spec is None or sample.id.endswith("_0"):
+            assert sample == shaped
+            continue
+        assert sample.turns[: len(shaped.turns)] == shaped.turns
+        extra = sample.turns[len(shaped.turns) :]
+        if spec.flash is None:
+            assert extra == ()
+        else:
+            flashes += 1
+            assert [(qa.family, qa.answer) for qa in extra] == [("video_flash", spec.flash.color)]
+            assert spec.flash.color not in {s.color for s in spec.shapes}
+    assert flashes >= 8  # every fifth video's primary question is the flash
+
+
 def test_shape_questions_never_share_a_conversation_with_colour_or_direction(plan_all_shape: DatasetPlan) -> None:
     # Either would give the other's answer away: "What color is the square?" -> red, "Which shape is red?".
     for sample in plan_all_shape.samples:
         families = {qa.family for qa in sample.turns}
         if "video_shape" in families:
             assert families == {"video_shape"}, sample
+    for sample in plan_dataset(**{**SMALL, "num_videos": 40}, questions="all_shape_flash").samples:
+        families = {qa.family for qa in sample.turns}
+        if "video_shape" in families:
+            assert families <= {"video_shape", "video_flash"}, sample
 
 
 def test_shape_question_answers_match_the_pixels(plan_all_shape: DatasetPlan) -> None:

@@ -168,6 +168,15 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
     train = json.loads((tmp_path / "work" / "data-all-shape-questions" / "train.json").read_text())
     assert len(train) == 12 and sum("Which shape is " in r["conversations"][0]["value"] for r in train) == 6
     assert (tmp_path / "work" / "sft-slowfast-fourier_spacetime-pool1-questions_all_shape" / "model.safetensors").is_file()
+    # QUESTIONS=all_shape_flash: the same, with the flash asked again in the shape conversation of flash videos.
+    flashed = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(tmp_path / "tiny-flash")],
+                             env={**env, "QUESTIONS": "all_shape_flash"}, cwd=REPO, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    assert flashed.returncode == 0, flashed.stderr[-3000:]
+    train_flash = json.loads((tmp_path / "work" / "data-all-shape-flash-questions" / "train.json").read_text())
+    assert [r["id"] for r in train_flash] == [r["id"] for r in train]
+    assert sum(len(r["conversations"]) for r in train_flash) >= sum(len(r["conversations"]) for r in train)
+    assert (tmp_path / "work" / "sft-slowfast-fourier_spacetime-pool1-questions_all_shape_flash" / "model.safetensors").is_file()
     bad = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)], env={**env, "VARIANT": "huge"},
                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "VARIANT=huge" in bad.stderr

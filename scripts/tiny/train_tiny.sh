@@ -9,7 +9,7 @@
 # Stages (each skipped when its output already exists, so a stopped run resumes at the stage it was in):
 #   0. data:  the synthetic moving-shapes task, train / val / test splits rendered separately
 #             (playground/synthetic_data.py), into $WORK/data (the training split asking every question:
-#             $WORK/data-all-questions, or $WORK/data-all-shape-questions);
+#             $WORK/data-all-questions, $WORK/data-all-shape-questions or $WORK/data-all-shape-flash-questions);
 #   1. tower: the tiny ConvNeXt pretrained on dense per-cell colour and shape labels
 #             (playground/pretrain_tower.py): the stand-in for the released model's CLIP tower;
 #   2. base:  a randomly initialised Qwen2 language model and a small byte-level BPE tokenizer
@@ -27,7 +27,8 @@
 # other variants pool 2 x 2); CROSS_ATTN_QUERY [own] how the hybrid layers query the slow tokens (own: a
 # projection without rotary embedding; self_attn: the published layer's, the self-attention's rotated query;
 # slowfast only); QUESTIONS [all] per training video (all: every question it answers, in one conversation;
-# all_shape: all, and a second conversation asking which shape has each colour; sampled: its primary question
+# all_shape: all, and a second conversation asking which shape has each colour; all_shape_flash: all_shape, the
+# second conversation also asking the flash's colour where there is one; sampled: its primary question
 # and up to two others, the data of every run before run 23); SEED [0] of the
 # training stage
 # (initialisation and data order; the data, tower and base stay those of seed 0);
@@ -64,8 +65,8 @@ TOWER_ARGS=(--image-size "$SIZE" --depths 1,1,1,1 --dims 16,32,48,64 --output-st
 OVERRIDES="{\"depths\":[1,1,1,1],\"dims\":[16,32,48,64],\"image_size\":$SIZE,\"output_stride\":8}"
 
 case "$QUESTIONS" in
-    all|all_shape|sampled) ;;
-    *) echo "error: QUESTIONS=$QUESTIONS: use all (every question of a training video), all_shape (all, and which shape has each colour) or sampled (a few)" >&2; exit 2 ;;
+    all|all_shape|all_shape_flash|sampled) ;;
+    *) echo "error: QUESTIONS=$QUESTIONS: use all (every question of a training video), all_shape (all, and which shape has each colour), all_shape_flash (all_shape, and the flash again) or sampled (a few)" >&2; exit 2 ;;
 esac
 case "$CROSS_ATTN_QUERY" in
     own|self_attn) ;;
@@ -102,6 +103,7 @@ DATA="$WORK/data"
 TRAIN_DATA="$DATA"
 if [[ "$QUESTIONS" == all ]]; then TRAIN_DATA="$WORK/data-all-questions"; fi
 if [[ "$QUESTIONS" == all_shape ]]; then TRAIN_DATA="$WORK/data-all-shape-questions"; fi
+if [[ "$QUESTIONS" == all_shape_flash ]]; then TRAIN_DATA="$WORK/data-all-shape-flash-questions"; fi
 for spec in "train $TRAIN_VIDEOS 0 $QUESTIONS $TRAIN_DATA" "val $VAL_VIDEOS 1 sampled $DATA" "test $TEST_VIDEOS 2 sampled $DATA"; do
     read -r split videos seed questions root <<<"$spec"
     if [[ ! -f "$root/$split.json" ]]; then
