@@ -212,6 +212,33 @@ def test_each_browser_session_gets_its_own_state_on_the_shared_weights(shared):
     assert first.session.model is shared.model and second.session.model is shared.model
 
 
+def test_a_session_state_survives_gradios_deep_copy_on_the_shared_weights(shared):
+    import copy
+
+    # An event that reaches the server before the page's load event makes Gradio deep-copy the factory's
+    # result: that copy must work, be a separate user, and copy no weights.
+    demo = web.build_demo(shared)
+    (state,) = [block for block in demo.blocks.values() if isinstance(block, gr.State)]
+    original = state.value()
+    original.session.load_video(DEMO_VIDEO, max_frames=4)
+    original.messages.append({"role": "user", "content": "What color is the circle?"})
+
+    copied = copy.deepcopy(original)
+
+    assert copied is not original and copied.session is not original.session
+    assert copied.lock is not original.lock and not copied.lock.locked()
+    assert copied.session.model is shared.model and copied.session.tokenizer is original.session.tokenizer
+    assert copied.session.visual_tokens is original.session.visual_tokens
+    assert copied.session.video == original.session.video
+    copied.messages.append({"role": "assistant", "content": "blue"})
+    copied.session.conversation.append_message(copied.session.conversation.roles[0], "only in the copy")
+    assert len(original.messages) == 1
+    assert "only in the copy" not in original.session.conversation.get_prompt()
+    with original.lock:  # the locks are independent
+        assert copied.lock.acquire(blocking=False)
+        copied.lock.release()
+
+
 def test_sessions_are_the_clis_and_load_clip_encodes_as_load_video_does(shared):
     import torch
 

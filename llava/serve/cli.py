@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import sys
 import threading
@@ -196,6 +197,19 @@ class ChatSession:
         self.visual_tokens: Any = None  # SlowFastTokens of the loaded video
         self.reset()
         self._stop_string, self._stop_token_id = template_stop(conv_mode, tokenizer)
+
+    # Shared, never copied: the weights and preprocessors (read-only, possibly tens of GB), and the video's tokens
+    # (replaced by each load, never changed in place).
+    _SHARED_ON_COPY = ("tokenizer", "model", "image_processor", "visual_tokens")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ChatSession:
+        """An independent conversation on the same model: the history and settings are copied; the weights,
+        tokenizer, image processor and the loaded video's tokens are shared (Gradio deep-copies session state)."""
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            setattr(copied, name, value if name in self._SHARED_ON_COPY else copy.deepcopy(value, memo))
+        return copied
 
     @property
     def default_max_frames(self) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import os
 import queue
@@ -138,6 +139,20 @@ class UserState:
     pending_question: str | None = None
     frame_warning: str | None = None  # shown under the video's status while its frame count is untrained
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> UserState:
+        """A separate user with a copy of this one's conversation, on the same model, with a lock of its own.
+
+        Gradio sets a session's state from ``gr.State``'s factory when the page loads; an event that reaches the
+        server before that load (a fast first upload on a busy server) makes Gradio call the factory and
+        deep-copy its result instead, which a lock cannot survive.
+        """
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            setattr(copied, name, threading.Lock() if name == "lock" else copy.deepcopy(value, memo))
+        return copied
 
     @property
     def has_video(self) -> bool:
