@@ -25,6 +25,7 @@ Usage::
 
     python -m playground.synthetic_data --out DIR [--num-videos 24] [--num-images 6] [--num-text 6]
         [--size 64] [--frames 16] [--fps 8] [--seed 0] [--split train] [--questions sampled|all|all_shape|all_shape_flash]
+        [--flash-rate 0.3]
 
 The split name is mixed into the seed, so two splits generated with the same ``--seed`` still differ,
 and the same arguments give byte-identical JSON and identical frames.
@@ -497,6 +498,7 @@ def plan_dataset(
     seed: int = 0,
     split: str = "train",
     questions: str = "sampled",
+    flash_rate: float = FLASH_RATE,
 ) -> DatasetPlan:
     """Decide every scene, image and conversation of a dataset without writing anything.
 
@@ -515,9 +517,15 @@ def plan_dataset(
     conversation (the shape questions halve how often each first conversation is seen; this keeps the flash, the
     rarest family, at the rate ``"all"`` gives it). All draw the same scenes from the same stream, so the videos
     are identical.
+
+    ``flash_rate``: the share of videos whose primary question is not the flash's that show a flash anyway (every
+    fifth video, the flash's own, always shows one). At the default, :data:`FLASH_RATE`, the scenes are those every
+    split has had; another rate draws other scenes, since a flash takes draws of its own from the videos' stream.
     """
     if questions not in QUESTION_MODES:
         raise ValueError(f"questions must be one of {QUESTION_MODES}, got {questions!r}")
+    if not (isinstance(flash_rate, (int, float)) and 0.0 <= flash_rate <= 1.0):
+        raise ValueError(f"flash_rate must be a share between 0 and 1, got {flash_rate!r}")
     _check_args(num_videos, num_images, num_text, size, frames, fps=1, split=split)
     # crc32 rather than hash(): str hashes are salted per process.
     # Child i of spawn(n) is the same for every n > i: the fifth stream leaves the first four as they were.
@@ -529,7 +537,7 @@ def plan_dataset(
     videos = []
     for i in range(num_videos):
         primary = VIDEO_FAMILIES[i % len(VIDEO_FAMILIES)]
-        flash = primary == "video_flash" or bool(video_rng.random() < FLASH_RATE)
+        flash = primary == "video_flash" or bool(video_rng.random() < flash_rate)
         spec = sample_scene(
             video_rng, size, frames, staggered=True if primary == "video_first" else None, flash=flash
         )
@@ -607,6 +615,7 @@ def generate_dataset(
     seed: int = 0,
     split: str = "train",
     questions: str = "sampled",
+    flash_rate: float = FLASH_RATE,
 ) -> dict[str, Any]:
     """Render and write a dataset under ``out`` (see the module docstring for the layout).
 
@@ -620,7 +629,8 @@ def generate_dataset(
         fps: frame rate written to the videos.
         seed: random seed; the split name is mixed in.
         split: name used in file names (letters, digits, ``_`` and ``-``).
-        questions: ``"sampled"`` or ``"all"`` questions per video (see :func:`plan_dataset`).
+        questions: which questions each video is asked: one of :data:`QUESTION_MODES` (see :func:`plan_dataset`).
+        flash_rate: share of the other videos that show a flash besides the flash's own (see :func:`plan_dataset`).
 
     Returns:
         A summary: split, seed, codec, the JSON/JSONL and media paths, sample counts and
@@ -629,7 +639,7 @@ def generate_dataset(
     from PIL import Image
 
     _check_args(num_videos, num_images, num_text, size, frames, fps, split)
-    plan = plan_dataset(num_videos, num_images, num_text, size, frames, seed, split, questions)
+    plan = plan_dataset(num_videos, num_images, num_text, size, frames, seed, split, questions, flash_rate)
     root = Path(out)
     (root / "videos").mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -680,6 +690,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "answers in one conversation (all), or all plus a second conversation asking which shape has each colour "
         "(all_shape), and that second conversation also asking the flash's colour where there is one (all_shape_flash)",
     )
+    parser.add_argument(
+        "--flash-rate", type=float, default=FLASH_RATE,
+        help=f"share of the videos not asked the flash first that show one anyway (default: {FLASH_RATE}; another "
+        "value draws other scenes)",
+    )
     args = parser.parse_args(argv)
     try:
         summary = generate_dataset(
@@ -693,6 +708,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seed=args.seed,
             split=args.split,
             questions=args.questions,
+            flash_rate=args.flash_rate,
         )
     except ValueError as exc:
         parser.error(str(exc))

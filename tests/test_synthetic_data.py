@@ -15,6 +15,7 @@ from playground.synthetic_data import (
     COLORS,
     DIRECTIONS,
     FAMILIES,
+    FLASH_RATE,
     SHAPES,
     TRAINING_ONLY_FAMILIES,
     DatasetPlan,
@@ -180,6 +181,34 @@ def test_flash_question_is_asked_only_about_a_flash_no_shape_shares_the_colour_o
             assert spec.flash is not None and answer == spec.flash.color
             assert answer not in {s.color for s in spec.shapes}
     assert asked > 0
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_flash_rate_sets_which_videos_show_a_flash(rate: float) -> None:
+    plan = plan_dataset(**{**SMALL, "num_videos": 40}, flash_rate=rate)
+    for i, spec in enumerate(plan.videos):
+        # Every fifth video is asked the flash first and always has one; the rate decides for the others.
+        assert (spec.flash is not None) == (i % 5 == 4 or rate == 1.0), i
+
+
+def test_default_flash_rate_draws_the_scenes_every_split_has_had(plan: DatasetPlan) -> None:
+    assert plan_dataset(**SMALL, flash_rate=FLASH_RATE) == plan
+    assert plan_dataset(**SMALL, flash_rate=0.9).videos != plan.videos
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan"), "0.5"])
+def test_flash_rate_outside_zero_to_one_is_rejected_by_name(rate) -> None:
+    with pytest.raises(ValueError, match="flash_rate"):
+        plan_dataset(**SMALL, flash_rate=rate)
+
+
+def test_cli_flash_rate_reaches_the_plan(tmp_path: Path, capsys) -> None:
+    main(["--out", str(tmp_path), "--num-videos", "10", "--num-images", "0", "--num-text", "0", "--frames", "8",
+          "--seed", "3", "--flash-rate", "1"])  # fmt: skip
+    records = json.loads((tmp_path / "train.json").read_text())
+    assert all(spec.flash is not None for spec in plan_dataset(10, 0, 0, 64, 8, 3, "train", flash_rate=1.0).videos)
+    assert records == plan_dataset(10, 0, 0, 64, 8, 3, "train", flash_rate=1.0).records()
+    assert json.loads(capsys.readouterr().out)["num_samples"] == len(records)
 
 
 # ----------------------------------------------------------------- answers against pixels

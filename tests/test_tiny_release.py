@@ -23,7 +23,7 @@ from playground.ablation import (
 )
 from playground.demo_video import DEMO_QUESTIONS
 from playground.evaluate_synthetic import FAMILY_ANSWERS, evaluate_checkpoint
-from playground.synthetic_data import VIDEO_FAMILIES, generate_dataset
+from playground.synthetic_data import VIDEO_FAMILIES, generate_dataset, plan_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny-slowfast"
@@ -177,13 +177,25 @@ def test_recipe_script_runs_every_stage_with_smoke_sizes(tmp_path):
     assert [r["id"] for r in train_flash] == [r["id"] for r in train]
     assert sum(len(r["conversations"]) for r in train_flash) >= sum(len(r["conversations"]) for r in train)
     assert (tmp_path / "work" / "sft-slowfast-fourier_spacetime-pool1-questions_all_shape_flash" / "model.safetensors").is_file()
+    # FLASH_RATE: other training videos (every one with a flash at 1), in folders of their own; val and test unchanged.
+    test_before = (tmp_path / "work" / "data" / "test.json").read_text()
+    rated = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(tmp_path / "tiny-rate")],
+                           env={**env, "QUESTIONS": "all_shape_flash", "FLASH_RATE": "1"}, cwd=REPO,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert rated.returncode == 0, rated.stderr[-3000:]
+    train_rated = json.loads((tmp_path / "work" / "data-all-shape-flash-questions-flash1" / "train.json").read_text())
+    assert train_rated == plan_dataset(6, 0, 0, 64, 16, 0, "train", "all_shape_flash", flash_rate=1.0).records()
+    assert sum("What color was the flash?" in t["value"] for r in train_rated for t in r["conversations"]) == 12
+    assert (tmp_path / "work" / "data" / "test.json").read_text() == test_before
+    run = "sft-slowfast-fourier_spacetime-pool1-questions_all_shape_flash-flash_rate1"
+    assert (tmp_path / "work" / run / "model.safetensors").is_file()
     bad = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)], env={**env, "VARIANT": "huge"},
                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "VARIANT=huge" in bad.stderr
     pooling = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)],
                              env={**env, "SLOW_POOLING": "3"}, cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert pooling.returncode == 2 and "SLOW_POOLING=3" in pooling.stderr
-    for name, value in (("QUESTIONS", "most"), ("CROSS_ATTN_QUERY", "rope")):
+    for name, value in (("QUESTIONS", "most"), ("CROSS_ATTN_QUERY", "rope"), ("FLASH_RATE", "2"), ("FLASH_RATE", ".5")):
         refused = subprocess.run(["bash", str(REPO / "scripts/tiny/train_tiny.sh"), str(out)],
                                  env={**env, name: value}, cwd=REPO, capture_output=True, text=True)  # fmt: skip
         assert refused.returncode == 2 and f"{name}={value}" in refused.stderr

@@ -29,8 +29,9 @@
 # slowfast only); QUESTIONS [all] per training video (all: every question it answers, in one conversation;
 # all_shape: all, and a second conversation asking which shape has each colour; all_shape_flash: all_shape, the
 # second conversation also asking the flash's colour where there is one; sampled: its primary question
-# and up to two others, the data of every run before run 23); SEED [0] of the
-# training stage
+# and up to two others, the data of every run before run 23); FLASH_RATE [0.3] the share of training videos
+# not asked the flash first that show one anyway (another rate renders other training videos, in a folder of its
+# own; val and test keep 0.3); SEED [0] of the training stage
 # (initialisation and data order; the data, tower and base stay those of seed 0);
 # EXTRA_TRAIN_ARGS [none] more trainer options, after the recipe's (so they win); PYTHON [python3];
 # NPROC_PER_NODE [2]; THREADS [cores / NPROC_PER_NODE, per process]; MASTER_PORT [29500]. MAX_STEPS changes the
@@ -44,6 +45,7 @@ VARIANT="${VARIANT:-slowfast}"
 SLOW_POSITIONS="${SLOW_POSITIONS:-fourier_spacetime}"
 SLOW_POOLING="${SLOW_POOLING:-1}"
 QUESTIONS="${QUESTIONS:-all}"
+FLASH_RATE="${FLASH_RATE:-0.3}"
 CROSS_ATTN_QUERY="${CROSS_ATTN_QUERY:-own}"
 SEED="${SEED:-0}"
 PYTHON="${PYTHON:-python3}"
@@ -68,6 +70,9 @@ case "$QUESTIONS" in
     all|all_shape|all_shape_flash|sampled) ;;
     *) echo "error: QUESTIONS=$QUESTIONS: use all (every question of a training video), all_shape (all, and which shape has each colour), all_shape_flash (all_shape, and the flash again) or sampled (a few)" >&2; exit 2 ;;
 esac
+if ! [[ "$FLASH_RATE" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]]; then
+    echo "error: FLASH_RATE=$FLASH_RATE: use a share between 0 and 1, such as 0.3 (the default) or 0.75" >&2; exit 2
+fi
 case "$CROSS_ATTN_QUERY" in
     own|self_attn) ;;
     *) echo "error: CROSS_ATTN_QUERY=$CROSS_ATTN_QUERY: use own (a query projection of its own) or self_attn (the published layer's)" >&2; exit 2 ;;
@@ -104,11 +109,14 @@ TRAIN_DATA="$DATA"
 if [[ "$QUESTIONS" == all ]]; then TRAIN_DATA="$WORK/data-all-questions"; fi
 if [[ "$QUESTIONS" == all_shape ]]; then TRAIN_DATA="$WORK/data-all-shape-questions"; fi
 if [[ "$QUESTIONS" == all_shape_flash ]]; then TRAIN_DATA="$WORK/data-all-shape-flash-questions"; fi
-for spec in "train $TRAIN_VIDEOS 0 $QUESTIONS $TRAIN_DATA" "val $VAL_VIDEOS 1 sampled $DATA" "test $TEST_VIDEOS 2 sampled $DATA"; do
-    read -r split videos seed questions root <<<"$spec"
+if [[ "$FLASH_RATE" != 0.3 ]]; then TRAIN_DATA="$TRAIN_DATA-flash$FLASH_RATE"; fi
+for spec in "train $TRAIN_VIDEOS 0 $QUESTIONS $TRAIN_DATA $FLASH_RATE" "val $VAL_VIDEOS 1 sampled $DATA 0.3" \
+            "test $TEST_VIDEOS 2 sampled $DATA 0.3"; do
+    read -r split videos seed questions root flash_rate <<<"$spec"
     if [[ ! -f "$root/$split.json" ]]; then
-        log "rendering the $split split ($videos videos, $questions questions)"
+        log "rendering the $split split ($videos videos, $questions questions, flash rate $flash_rate)"
         "$PYTHON" -m playground.synthetic_data --out "$root" --split "$split" --seed "$seed" --questions "$questions" \
+            --flash-rate "$flash_rate" \
             --num-videos "$videos" --num-images 0 --num-text 0 --size "$SIZE" --frames "$FRAMES" --fps "$FPS" >/dev/null
     fi
 done
@@ -134,6 +142,7 @@ if [[ "$VARIANT" == slowfast && "$SLOW_POSITIONS" != none ]]; then RUN="$RUN-$SL
 if [[ "$VARIANT" == slowfast && "$SLOW_POOLING" != 2 ]]; then RUN="$RUN-pool$SLOW_POOLING"; fi
 if [[ "$VARIANT" == slowfast && "$CROSS_ATTN_QUERY" != own ]]; then RUN="$RUN-query_$CROSS_ATTN_QUERY"; fi
 if [[ "$QUESTIONS" != all ]]; then RUN="$RUN-questions_$QUESTIONS"; fi
+if [[ "$FLASH_RATE" != 0.3 ]]; then RUN="$RUN-flash_rate$FLASH_RATE"; fi
 if [[ "$SEED" != 0 ]]; then RUN="$RUN-seed$SEED"; fi
 if [[ ! -f "$RUN/model.safetensors" ]]; then
     log "training ($VARIANT, slow-token positions ${SLOW_POSITIONS}, $MAX_STEPS steps)"
