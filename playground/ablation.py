@@ -2,9 +2,9 @@
 
     python -m playground.ablation [--work checkpoints/ablation] [--out assets/ablation]
 
-Five tiny models are trained with ``scripts/tiny/train_tiny.sh`` (same videos, same pretrained tower, same
-base, same optimiser, batch and number of steps). The first four ask each training video a few questions and
-differ only in how the video reaches the language model:
+Six tiny models are trained with ``scripts/tiny/train_tiny.sh`` (same videos, same pretrained tower, same
+base, same optimiser and batch; the first five for the same number of steps). The first four ask each training
+video a few questions and differ only in how the video reaches the language model:
 
 * ``slowfast`` -- 64 pooled fast tokens in the language model, all 256 slow tokens through hybrid layers
   (the published architecture);
@@ -15,10 +15,11 @@ differ only in how the video reaches the language model:
   (``--slow_token_position_encoding fourier_spacetime``) and are the tower's full 8 x 8 grid (1,024 slow tokens
   instead of 256; the same 64 fast tokens).
 
-The fifth, ``recipe``, is train_tiny.sh's default and the recipe of ``assets/tiny-slowfast``: ``positions`` with
-two changes, each measured on its own in playground/README.md (runs 23 and 24): the hybrid layers query the slow
-tokens with a projection of their own (``--cross_attn_query_source own``), and the training split asks every
-question of each video.
+The fifth, ``recipe``, is ``positions`` with two changes, each measured on its own in playground/README.md (runs 23
+and 24): the hybrid layers query the slow tokens with a projection of their own (``--cross_attn_query_source
+own``), and the training split asks every question of each video. The sixth, ``refined``, is train_tiny.sh's
+default and the recipe of ``assets/tiny-slowfast``: ``recipe``, then a second fine-tuning stage from its weights
+on training videos that are also asked which shape has each colour, most of them with a flash (run 37).
 
 Each is scored on the test split per question family (``playground.evaluate_synthetic``), and its prefill
 is measured on the test videos: the tokens the language model reads, the slow tokens it cross-attends to,
@@ -58,18 +59,21 @@ VARIANTS: dict[str, str] = {
     "slow": "(c) all slow tokens in the LM",
     "positions": "(d) slow-fast, full-grid slow tokens with positions",
     "recipe": "(e) (d) with its own query, every question asked",
+    "refined": "(f) (e), then refined on shape and flash questions",
 }
 # How each variant is trained: train_tiny.sh's settings. (a) to (d) ask each training video a few questions
-# (QUESTIONS=sampled) and query the slow tokens the published way (CROSS_ATTN_QUERY=self_attn); (e) is the
-# script's defaults, the recipe of assets/tiny-slowfast.
-_PUBLISHED = {"QUESTIONS": "sampled", "CROSS_ATTN_QUERY": "self_attn"}
+# (QUESTIONS=sampled) and query the slow tokens the published way (CROSS_ATTN_QUERY=self_attn); (a) to (e) train
+# one stage (REFINE_STEPS=0); (f) is the script's defaults, the recipe of assets/tiny-slowfast.
+_PUBLISHED = {"QUESTIONS": "sampled", "CROSS_ATTN_QUERY": "self_attn", "REFINE_STEPS": "0"}
+_RECIPE = {"VARIANT": "slowfast", "SLOW_POSITIONS": "fourier_spacetime", "SLOW_POOLING": "1", "QUESTIONS": "all",
+           "CROSS_ATTN_QUERY": "own"}  # fmt: skip
 RECIPES: dict[str, dict[str, str]] = {
     "slowfast": {"VARIANT": "slowfast", "SLOW_POSITIONS": "none", "SLOW_POOLING": "2", **_PUBLISHED},
     "fast": {"VARIANT": "fast", "SLOW_POSITIONS": "none", "SLOW_POOLING": "2", **_PUBLISHED},
     "slow": {"VARIANT": "slow", "SLOW_POSITIONS": "none", "SLOW_POOLING": "2", **_PUBLISHED},
     "positions": {"VARIANT": "slowfast", "SLOW_POSITIONS": "fourier_spacetime", "SLOW_POOLING": "1", **_PUBLISHED},
-    "recipe": {"VARIANT": "slowfast", "SLOW_POSITIONS": "fourier_spacetime", "SLOW_POOLING": "1", "QUESTIONS": "all",
-               "CROSS_ATTN_QUERY": "own"},
+    "recipe": {**_RECIPE, "REFINE_STEPS": "0"},
+    "refined": {**_RECIPE, "REFINE_STEPS": "2000", "REFINE_QUESTIONS": "all_shape_flash", "REFINE_FLASH_RATE": "0.75"},
 }
 FAMILY_LABELS: dict[str, str] = {
     "video_color": "colour",
@@ -203,7 +207,8 @@ def draw_plot(results: dict[str, Any], path: Path) -> None:
     families = list(FAMILY_LABELS)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5.0), gridspec_kw={"width_ratios": [3, 1.3]})
     width = 0.8 / len(variants)
-    colors = {"slowfast": "#1f77b4", "fast": "#ff7f0e", "slow": "#2ca02c", "positions": "#d62728", "recipe": "#9467bd"}
+    colors = {"slowfast": "#1f77b4", "fast": "#ff7f0e", "slow": "#2ca02c", "positions": "#d62728", "recipe": "#9467bd",
+              "refined": "#8c564b"}
     for k, (name, r) in enumerate(variants.items()):
         xs = [i + (k - (len(variants) - 1) / 2) * width for i in range(len(families))]
         ys = [r["accuracy"].get(f, 0.0) for f in families]
@@ -219,7 +224,7 @@ def draw_plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Accuracy per question family (dashed: chance)")
-    # below the axes: with five variants a legend inside covers bars
+    # below the axes: with six variants a legend inside covers bars
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize=8, frameon=False)
 
     names = list(variants)

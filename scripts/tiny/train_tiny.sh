@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Train a tiny Slow-Fast model from nothing, on CPU (2 cores: about 35 minutes), the recipe of assets/tiny-slowfast:
-# slow tokens at the tower's full grid with their time and place (fourier_spacetime), hybrid layers that query
-# them with a projection of their own (--cross_attn_query_source own), every question of each training video
-# (README.md, "A tiny model trained on CPU").
+# Train a tiny Slow-Fast model from nothing, on CPU (2 cores: about an hour; REFINE_STEPS=0, about 35 minutes), the
+# recipe of assets/tiny-slowfast: slow tokens at the tower's full grid with their time and place
+# (fourier_spacetime), hybrid layers that query them with a projection of their own (--cross_attn_query_source
+# own), every question of each training video, then a refining stage that also asks which shape has each colour,
+# on training videos most of which show a flash (README.md, "A tiny model trained on CPU").
 #
 #   bash scripts/tiny/train_tiny.sh [OUT]          # default OUT: checkpoints/tiny-slowfast
 #
@@ -17,6 +18,8 @@
 #   3. sft:   one stage of supervised fine-tuning of everything but the tower, with the project's trainer
 #             (llava/train/train.py) through scripts/launch_train.sh: 16 conversations per step whatever
 #             the process count (2 processes by default, DDP over gloo on CPU);
+#   3b. refine: the same fine-tuning again, from stage 3's weights with a fresh optimiser and schedule, on the
+#             REFINE_QUESTIONS training split (REFINE_STEPS=0 skips it; the export is then stage 3's);
 #   4. export: fp16 weights with the tokenizer in OUT, then test-split accuracy per family in OUT/eval_test.json.
 #
 # Environment: WORK [OUT.work] holds the data, tower and training output; VARIANT picks the architecture
@@ -37,6 +40,9 @@
 # NPROC_PER_NODE [2]; THREADS [cores / NPROC_PER_NODE, per process]; MASTER_PORT [29500]. MAX_STEPS changes the
 # schedule (README.md gives a 6,000-step run); the others are for smoke tests only (they change the result):
 # MAX_STEPS [3000], TOWER_STEPS [2000], TRAIN_VIDEOS [8000], VAL_VIDEOS [200], TEST_VIDEOS [500].
+# The refining stage: REFINE_STEPS [2000; 0: none], REFINE_QUESTIONS [all_shape_flash] and REFINE_FLASH_RATE [0.75]
+# (as QUESTIONS and FLASH_RATE, for its training split). Each stage's run folder is named for its settings
+# (MAX_STEPS other than 3000 included), so a run with other settings never reuses another's weights.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${1:-checkpoints/tiny-slowfast}"
@@ -46,6 +52,9 @@ SLOW_POSITIONS="${SLOW_POSITIONS:-fourier_spacetime}"
 SLOW_POOLING="${SLOW_POOLING:-1}"
 QUESTIONS="${QUESTIONS:-all}"
 FLASH_RATE="${FLASH_RATE:-0.3}"
+REFINE_STEPS="${REFINE_STEPS:-2000}"
+REFINE_QUESTIONS="${REFINE_QUESTIONS:-all_shape_flash}"
+REFINE_FLASH_RATE="${REFINE_FLASH_RATE:-0.75}"
 CROSS_ATTN_QUERY="${CROSS_ATTN_QUERY:-own}"
 SEED="${SEED:-0}"
 PYTHON="${PYTHON:-python3}"
@@ -70,8 +79,23 @@ case "$QUESTIONS" in
     all|all_shape|all_shape_flash|sampled) ;;
     *) echo "error: QUESTIONS=$QUESTIONS: use all (every question of a training video), all_shape (all, and which shape has each colour), all_shape_flash (all_shape, and the flash again) or sampled (a few)" >&2; exit 2 ;;
 esac
-if ! [[ "$FLASH_RATE" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]]; then
-    echo "error: FLASH_RATE=$FLASH_RATE: use a share between 0 and 1, such as 0.3 (the default) or 0.75" >&2; exit 2
+for rate in "FLASH_RATE=$FLASH_RATE" "REFINE_FLASH_RATE=$REFINE_FLASH_RATE"; do
+    if ! [[ "${rate#*=}" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]]; then
+        echo "error: $rate: use a share between 0 and 1, such as 0.3 or 0.75" >&2; exit 2
+    fi
+done
+case "$REFINE_QUESTIONS" in
+    all|all_shape|all_shape_flash|sampled) ;;
+    *) echo "error: REFINE_QUESTIONS=$REFINE_QUESTIONS: use all, all_shape, all_shape_flash or sampled (as QUESTIONS)" >&2; exit 2 ;;
+esac
+for steps in "MAX_STEPS=$MAX_STEPS" "REFINE_STEPS=$REFINE_STEPS"; do
+    if ! [[ "${steps#*=}" =~ ^[0-9]+$ ]]; then
+        echo "error: $steps: use a whole number of steps" >&2; exit 2
+    fi
+done
+if (( MAX_STEPS == 0 )); then echo "error: MAX_STEPS=0: the first training stage needs at least one step" >&2; exit 2; fi
+if [[ "$VARIANT" != slowfast ]] && (( REFINE_STEPS > 0 )); then
+    echo "error: REFINE_STEPS=$REFINE_STEPS: the refining stage is part of the slow-fast recipe; use REFINE_STEPS=0 with VARIANT=$VARIANT" >&2; exit 2
 fi
 case "$CROSS_ATTN_QUERY" in
     own|self_attn) ;;
@@ -105,13 +129,25 @@ DATA="$WORK/data"
 # 0. data
 # The training split asks each video every question it answers (QUESTIONS=all) or a few (sampled), in a folder of
 # its own per choice; val and test always ask a few, as the scores have since the first run.
-TRAIN_DATA="$DATA"
-if [[ "$QUESTIONS" == all ]]; then TRAIN_DATA="$WORK/data-all-questions"; fi
-if [[ "$QUESTIONS" == all_shape ]]; then TRAIN_DATA="$WORK/data-all-shape-questions"; fi
-if [[ "$QUESTIONS" == all_shape_flash ]]; then TRAIN_DATA="$WORK/data-all-shape-flash-questions"; fi
-if [[ "$FLASH_RATE" != 0.3 ]]; then TRAIN_DATA="$TRAIN_DATA-flash$FLASH_RATE"; fi
-for spec in "train $TRAIN_VIDEOS 0 $QUESTIONS $TRAIN_DATA $FLASH_RATE" "val $VAL_VIDEOS 1 sampled $DATA 0.3" \
-            "test $TEST_VIDEOS 2 sampled $DATA 0.3"; do
+# train_data_dir QUESTIONS FLASH_RATE: the folder of that training split.
+train_data_dir() {
+    local dir="$DATA"
+    case "$1" in
+        all) dir="$WORK/data-all-questions" ;;
+        all_shape) dir="$WORK/data-all-shape-questions" ;;
+        all_shape_flash) dir="$WORK/data-all-shape-flash-questions" ;;
+    esac
+    if [[ "$2" != 0.3 ]]; then dir="$dir-flash$2"; fi
+    echo "$dir"
+}
+TRAIN_DATA="$(train_data_dir "$QUESTIONS" "$FLASH_RATE")"
+SPLITS=("train $TRAIN_VIDEOS 0 $QUESTIONS $TRAIN_DATA $FLASH_RATE" "val $VAL_VIDEOS 1 sampled $DATA 0.3"
+        "test $TEST_VIDEOS 2 sampled $DATA 0.3")
+if (( REFINE_STEPS > 0 )); then
+    REFINE_DATA="$(train_data_dir "$REFINE_QUESTIONS" "$REFINE_FLASH_RATE")"
+    SPLITS+=("train $TRAIN_VIDEOS 0 $REFINE_QUESTIONS $REFINE_DATA $REFINE_FLASH_RATE")
+fi
+for spec in "${SPLITS[@]}"; do
     read -r split videos seed questions root flash_rate <<<"$spec"
     if [[ ! -f "$root/$split.json" ]]; then
         log "rendering the $split split ($videos videos, $questions questions, flash rate $flash_rate)"
@@ -137,18 +173,13 @@ if [[ ! -f "$BASE/config.json" ]]; then
 fi
 
 # 3. supervised fine-tuning
-RUN="$WORK/sft-$VARIANT"
-if [[ "$VARIANT" == slowfast && "$SLOW_POSITIONS" != none ]]; then RUN="$RUN-$SLOW_POSITIONS"; fi
-if [[ "$VARIANT" == slowfast && "$SLOW_POOLING" != 2 ]]; then RUN="$RUN-pool$SLOW_POOLING"; fi
-if [[ "$VARIANT" == slowfast && "$CROSS_ATTN_QUERY" != own ]]; then RUN="$RUN-query_$CROSS_ATTN_QUERY"; fi
-if [[ "$QUESTIONS" != all ]]; then RUN="$RUN-questions_$QUESTIONS"; fi
-if [[ "$FLASH_RATE" != 0.3 ]]; then RUN="$RUN-flash_rate$FLASH_RATE"; fi
-if [[ "$SEED" != 0 ]]; then RUN="$RUN-seed$SEED"; fi
-if [[ ! -f "$RUN/model.safetensors" ]]; then
-    log "training ($VARIANT, slow-token positions ${SLOW_POSITIONS}, $MAX_STEPS steps)"
+# sft MODEL DATA_DIR OUTPUT_DIR STEPS: one stage of the recipe's fine-tuning. From the base LM it builds the
+# Slow-Fast model; from a Slow-Fast checkpoint (3b) the checkpoint's architecture is kept and trained on.
+sft() {
+    local model="$1" data="$2" output="$3" steps="$4"
     source "$ROOT/scripts/launch_train.sh"
     (
-        export MODEL="$BASE" DATA_PATH="$TRAIN_DATA/train.json" VIDEO_DIR="$TRAIN_DATA" OUTPUT_DIR="$RUN"
+        export MODEL="$model" DATA_PATH="$data/train.json" VIDEO_DIR="$data" OUTPUT_DIR="$output"
         export NPROC_PER_NODE OMP_NUM_THREADS="$THREADS"
         launch_train --version qwen_1_5 \
             --vision_tower convnext-576 --vision_tower_pretrained "$TOWER" --mm_vision_tower_overrides "$OVERRIDES" \
@@ -157,10 +188,34 @@ if [[ ! -f "$RUN/model.safetensors" ]]; then
             --cross_attn_gating_type whole-dynamic-tanh \
             --video_frames "$FRAMES" --fps 0 --min_fast_frames 4 "${VARIANT_ARGS[@]}" \
             --learning_rate 1e-3 --per_device_train_batch_size $(( GLOBAL_BATCH / NPROC_PER_NODE )) --gradient_accumulation_steps 1 \
-            --max_steps "$MAX_STEPS" --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0 \
+            --max_steps "$steps" --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0 \
             --max_grad_norm 1.0 --model_max_length 512 --seed "$SEED" --data_seed "$SEED" \
             --save_strategy no --logging_steps 50 --dataloader_num_workers 0 --lazy_preprocess True --report_to none ${EXTRA_TRAIN_ARGS:-}
     )
+}
+RUN="$WORK/sft-$VARIANT"
+if [[ "$VARIANT" == slowfast && "$SLOW_POSITIONS" != none ]]; then RUN="$RUN-$SLOW_POSITIONS"; fi
+if [[ "$VARIANT" == slowfast && "$SLOW_POOLING" != 2 ]]; then RUN="$RUN-pool$SLOW_POOLING"; fi
+if [[ "$VARIANT" == slowfast && "$CROSS_ATTN_QUERY" != own ]]; then RUN="$RUN-query_$CROSS_ATTN_QUERY"; fi
+if [[ "$QUESTIONS" != all ]]; then RUN="$RUN-questions_$QUESTIONS"; fi
+if [[ "$FLASH_RATE" != 0.3 ]]; then RUN="$RUN-flash_rate$FLASH_RATE"; fi
+if [[ "$SEED" != 0 ]]; then RUN="$RUN-seed$SEED"; fi
+if [[ "$MAX_STEPS" != 3000 ]]; then RUN="$RUN-steps$MAX_STEPS"; fi
+if [[ ! -f "$RUN/model.safetensors" ]]; then
+    log "training ($VARIANT, slow-token positions ${SLOW_POSITIONS}, $QUESTIONS questions, $MAX_STEPS steps)"
+    sft "$BASE" "$TRAIN_DATA" "$RUN" "$MAX_STEPS"
+fi
+
+# 3b. refining (REFINE_STEPS > 0): the same fine-tuning again from stage 3's weights (a fresh optimiser and
+# schedule), on the REFINE_QUESTIONS training split: motion first, then which shape has each colour and more
+# flashes (README.md, "Motion first, then the rest").
+if (( REFINE_STEPS > 0 )); then
+    STAGE1="$RUN"
+    RUN="$RUN-refine_${REFINE_QUESTIONS}-flash_rate${REFINE_FLASH_RATE}-steps$REFINE_STEPS"
+    if [[ ! -f "$RUN/model.safetensors" ]]; then
+        log "refining ($REFINE_QUESTIONS questions, flash rate $REFINE_FLASH_RATE, $REFINE_STEPS steps)"
+        sft "$STAGE1" "$REFINE_DATA" "$RUN" "$REFINE_STEPS"
+    fi
 fi
 
 # 4. export and test
