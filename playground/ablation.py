@@ -19,7 +19,7 @@ The fifth, ``recipe``, is ``positions`` with two changes, each measured on its o
 and 24): the hybrid layers query the slow tokens with a projection of their own (``--cross_attn_query_source
 own``), and the training split asks every question of each video. The sixth, ``refined``, is train_tiny.sh's
 default and the recipe of ``assets/tiny-slowfast``: ``recipe``, then a second fine-tuning stage from its weights
-on training videos that are also asked which shape has each colour, most of them with a flash (run 37).
+on training videos that are also asked which shape has each colour, most of them with a flash (run 38).
 
 Each is scored on the test split per question family (``playground.evaluate_synthetic``), and its prefill
 is measured on the test videos: the tokens the language model reads, the slow tokens it cross-attends to,

@@ -103,9 +103,13 @@ def test_save_and_load_keep_the_own_query(tmp_path):
     loaded = LlavaQwenSlowFastForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.cross_attn_query_source == "own"
     assert LlavaQwenSlowFastConfig.from_dict(loaded.config.to_dict()).cross_attn_query_source == "own"
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
     ids, video = prompt_ids(4, 6), random_video(8)
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids, images=[video]).logits, model(input_ids=ids, images=[video]).logits)
+        # the same weights; a model loaded from disk may take other CPU kernel paths (float rounding, ~1e-6)
+        torch.testing.assert_close(loaded(input_ids=ids, images=[video]).logits, model(input_ids=ids, images=[video]).logits,
+                                   rtol=0, atol=1e-5)  # fmt: skip
 
 
 def test_stage1_trains_the_own_query_with_the_other_cross_attention_parameters():

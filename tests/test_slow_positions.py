@@ -101,8 +101,11 @@ def test_spacetime_features_tell_apart_opposite_motions_that_factorised_features
 # ------------------------------------------------------------------------------------------ no-op start
 @pytest.mark.parametrize("kind", KINDS)
 def test_enabling_on_a_saved_checkpoint_changes_no_logit(kind, tmp_path):
-    trained = tiny_model()
-    trained.save_pretrained(tmp_path)
+    tiny_model().save_pretrained(tmp_path)
+    # Both sides are loaded from the same files: a model built in memory can take other CPU kernel paths than one
+    # loaded from disk (the tensors' alignment), which moves logits by ~1e-6 with no change of weights.
+    trained = LlavaQwenSlowFastForCausalLM.from_pretrained(tmp_path).eval()
+    assert trained.model.slow_token_position_encoding is None
     ids, video = prompt_ids(4, 6), random_video(8)
     with torch.no_grad():
         before = trained(input_ids=ids, images=[video]).logits
@@ -194,7 +197,9 @@ def test_save_and_load_keep_the_position_weights(tmp_path):
     assert torch.equal(loaded.state_dict()[POSITION_WEIGHT], model.state_dict()[POSITION_WEIGHT])
     ids, video = prompt_ids(4, 6), random_video(8)
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids, images=[video]).logits, model(input_ids=ids, images=[video]).logits)
+        # the same weights; a model loaded from disk may take other CPU kernel paths (float rounding, ~1e-6)
+        torch.testing.assert_close(loaded(input_ids=ids, images=[video]).logits, model(input_ids=ids, images=[video]).logits,
+                                   rtol=0, atol=1e-5)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ training
