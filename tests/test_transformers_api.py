@@ -195,3 +195,16 @@ def test_auto_classes_build_the_base_and_causal_models():
     config = tiny_config()
     assert type(AutoModel.from_config(config)) is LlavaQwenSlowFastModel
     assert type(AutoModelForCausalLM.from_config(config)).__name__ == "LlavaQwenSlowFastForCausalLM"
+
+
+def test_logits_to_keep_selects_the_positions_generate_asks_for():
+    from llava.model.modeling_llava_qwen_slow_fast import _keep_positions
+
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    assert torch.equal(_keep_positions(hidden, 0), hidden)
+    assert torch.equal(_keep_positions(hidden, 2), hidden[:, 3:])
+    assert torch.equal(_keep_positions(hidden, torch.tensor([0, 4])), hidden[:, [0, 4]])
+    per_sample = torch.tensor([[0, 1], [2, 4]])
+    assert torch.equal(_keep_positions(hidden, per_sample), torch.stack([hidden[0, [0, 1]], hidden[1, [2, 4]]]))
+    mask = torch.tensor([[True, False, False, False, True], [False, True, False, False, False]])
+    assert torch.equal(_keep_positions(hidden, mask), torch.stack([hidden[0, 0], hidden[0, 4], hidden[1, 1]]))

@@ -25,7 +25,6 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2RotaryEmbedding,
 )
 from transformers import initialization as init
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -469,7 +468,7 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             cross_attn_query_mask=cross_attn_query_mask,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        hidden_states = _keep_positions(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
@@ -621,6 +620,24 @@ def truncate_merged(token_types: torch.Tensor, max_length: int) -> int:
             "sample fewer frames"
         )
     return max_length
+
+
+def _keep_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions of ``hidden_states`` ``[B, L, hidden]`` whose logits are wanted: an int keeps the last
+    ``logits_to_keep`` (0 keeps all), a tensor names positions (as Qwen2's own ``forward`` reads it).
+
+    transformers 5.23 moved this into ``modeling_utils.slice_logits_to_keep`` (which also takes 2-D tensors);
+    that name does not exist before 5.23, so the forms ``generate`` passes are handled here for every version.
+    """
+    if isinstance(logits_to_keep, int):
+        return hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+    if logits_to_keep.dim() == 1:
+        return hidden_states[:, logits_to_keep]
+    if logits_to_keep.dtype == torch.bool:  # [B, L] mask: the kept rows, flattened to [N, hidden]
+        return hidden_states[logits_to_keep]
+    return torch.gather(  # [B, K] positions per sample
+        hidden_states, 1, logits_to_keep[..., None].expand(-1, -1, hidden_states.shape[-1])
+    )
 
 
 def _is_decode_step(cache) -> bool:
