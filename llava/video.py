@@ -161,8 +161,13 @@ def load_video(
     *,
     fps: float | None = None,
     backend: str = "auto",
+    limits: Any = None,
 ) -> VideoClip:
     """Decode a sampled subset of frames from a video, an image, or a frames folder.
+
+    Every input passes :mod:`llava.media_gate` first (allowed containers and codecs, header bounds, the
+    decoding work and time): ``limits`` is a :class:`~llava.media_gate.MediaLimits` (default
+    :data:`~llava.media_gate.DEFAULT_LIMITS`).
 
     Args:
         path: video file, animated GIF, single image file, or directory of image frames.
@@ -186,7 +191,8 @@ def load_video(
 
     Raises:
         VideoLoadError: the input is missing, empty, undecodable, has no
-            frames, or ``max_frames`` / ``fps`` is not positive.
+            frames, or ``max_frames`` / ``fps`` is not positive;
+            :class:`~llava.media_gate.MediaRefused` (a subclass) when the gate refuses it.
         ValueError: ``backend`` is not one of the names above.
         ImportError: ``backend="decord"`` was requested but decord is not installed.
     """
@@ -199,17 +205,38 @@ def load_video(
     if fps is not None and not fps > 0:
         raise VideoLoadError(path_str, f"fps must be positive, got {fps!r}")
 
+    from llava import media_gate
+
+    limits = media_gate.DEFAULT_LIMITS if limits is None else limits
     if not os.path.exists(path_str):
         raise VideoLoadError(path_str, "file does not exist")
     if os.path.isdir(path_str):
-        return _load_frames_folder(path_str, max_frames, fps)
+        return _load_frames_folder(path_str, max_frames, fps, limits)
     if os.path.getsize(path_str) == 0:
         raise VideoLoadError(path_str, "file is empty (0 bytes)")
-    if _is_image(path_str):
-        if _is_animated_gif(path_str):
-            return _load_with_pyav(path_str, max_frames, fps)
-        return _load_image(path_str)
+    info = media_gate.probe(path_str, limits, as_image=_is_image(path_str))  # refuses before any frame is read
+    if limits.max_decode_seconds is not None:
+        return media_gate.run_with_deadline(
+            _decode_vetted, (path_str, info, max_frames, fps, backend, limits.without_deadline()),
+            limits.max_decode_seconds, path_str,
+        )
+    return _decode_vetted(path_str, info, max_frames, fps, backend, limits)
 
+
+def _decode_vetted(path_str: str, info: Any, max_frames: int, fps: float | None, backend: str, limits: Any) -> VideoClip:
+    """Decode a file :func:`llava.media_gate.probe` accepted (``info``) within ``limits``."""
+    from llava import media_gate
+
+    if info.kind == "image":
+        return _load_image(path_str, limits)
+    media_gate.check_decode_work(path_str, lambda total, rate: _select_indices(total, rate, max_frames, fps), limits)
+    with media_gate.vetted(info, limits):
+        return _decode_video(path_str, info, max_frames, fps, backend)
+
+
+def _decode_video(path_str: str, info: Any, max_frames: int, fps: float | None, backend: str) -> VideoClip:
+    if info.animated:  # decord cannot read GIFs
+        return _load_with_pyav(path_str, max_frames, fps)
     if backend == "pyav":
         return _load_with_pyav(path_str, max_frames, fps)
     if backend == "decord":
@@ -231,19 +258,6 @@ def _is_image(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _is_animated_gif(path: str) -> bool:
-    """Whether ``path`` is a GIF with more than one frame (unreadable files answer ``False``)."""
-    if os.path.splitext(path)[1].lower() != ".gif":
-        return False
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return bool(getattr(image, "is_animated", False))
-    except (OSError, UnidentifiedImageError, ValueError):
-        return False
-
-
 def _natural_key(name: str) -> list[Any]:
     """Sort key so that ``2.jpg`` comes before ``10.jpg``."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
@@ -263,20 +277,21 @@ def _valid_fps(value: Any) -> float | None:
     return rate if np.isfinite(rate) and rate > 0 else None
 
 
-def _read_rgb_image(path: str, shown_path: str) -> np.ndarray:
-    """Decode one image to ``uint8`` ``[H, W, 3]`` RGB; errors name ``shown_path``."""
-    from PIL import Image, UnidentifiedImageError
+def _read_rgb_image(path: str, shown_path: str, limits: Any) -> np.ndarray:
+    """Decode one image (checked by :func:`llava.media_gate.open_image`) to ``uint8`` ``[H, W, 3]`` RGB; errors
+    name ``shown_path``."""
+    from llava.media_gate import open_image
 
-    try:
-        with Image.open(path) as image:
+    with open_image(path, limits, shown_path) as image:
+        try:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        where = "" if path == shown_path else f" frame '{os.path.basename(path)}':"
-        raise VideoLoadError(shown_path, f"cannot decode image{where} {err}") from err
+        except (OSError, ValueError) as err:
+            where = "" if path == shown_path else f" frame '{os.path.basename(path)}':"
+            raise VideoLoadError(shown_path, f"cannot decode image{where} {err}") from err
 
 
-def _load_image(path: str) -> VideoClip:
-    frame = _read_rgb_image(path, path)
+def _load_image(path: str, limits: Any) -> VideoClip:
+    frame = _read_rgb_image(path, path, limits)
     return VideoClip(
         frames=frame[None],
         frame_indices=[0],
@@ -288,16 +303,21 @@ def _load_image(path: str) -> VideoClip:
     )
 
 
-def _load_frames_folder(path: str, max_frames: int, fps: float | None) -> VideoClip:
+def _load_frames_folder(path: str, max_frames: int, fps: float | None, limits: Any) -> VideoClip:
+    from llava.media_gate import MediaRefused
+
     names = sorted(
         (n for n in os.listdir(path) if _is_image(n) and os.path.isfile(os.path.join(path, n))),
         key=_natural_key,
     )
     if not names:
         raise VideoLoadError(path, "directory contains no image frames")
+    if limits.max_source_frames is not None and len(names) > limits.max_source_frames:
+        raise MediaRefused(path, f"the folder has {len(names):,} frames, over the limit of "
+                                 f"{limits.max_source_frames:,} (max_source_frames)", "max_source_frames")
     video_fps = float(fps) if fps is not None else 1.0
     indices = uniform_frame_indices(len(names), max_frames)
-    frames = [_read_rgb_image(os.path.join(path, names[i]), path) for i in indices]
+    frames = [_read_rgb_image(os.path.join(path, names[i]), path, limits) for i in indices]
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
         raise VideoLoadError(path, f"frames have different sizes: {sorted(shapes)}")
@@ -495,11 +515,18 @@ def _upright_rgb(frame: Any) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
+def _open(path: str) -> Any:
+    """The file as a PyAV container, opened through the media gate (:func:`llava.media_gate.open_container`)."""
+    from llava.media_gate import open_container
+
+    return open_container(path)
+
+
 def _load_with_pyav(path: str, max_frames: int, fps: float | None) -> VideoClip:
     import av
 
     try:
-        with av.open(path) as container:
+        with _open(path) as container:
             if not container.streams.video:
                 raise VideoLoadError(path, "no decodable video stream")
             stream = container.streams.video[0]
@@ -561,9 +588,7 @@ def _load_with_pyav(path: str, max_frames: int, fps: float | None) -> VideoClip:
 
 
 def _pyav_count_frames(path: str) -> int:
-    import av
-
-    with av.open(path) as container:
+    with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         return sum(1 for _ in container.decode(stream))
@@ -575,14 +600,12 @@ def _pyav_decode_indices(path: str, indices: list[int]) -> tuple[dict[int, _Deco
     The fallback when seeking is impossible or unreliable, and the definition of which frame an index names.
     Returns the kept frames by index and how many frames were decoded in total.
     """
-    import av
-
     wanted = set(indices)
     last = max(indices)
     found: dict[int, _Decoded] = {}
     decoded = 0
     first_pts: int | None = None
-    with av.open(path) as container:
+    with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         time_base = stream.time_base
@@ -609,15 +632,13 @@ def _pyav_seek_decode(path: str, index: _PacketIndex, indices: list[int]) -> tup
     and how many packets were decoded, or ``None`` when the container cannot land on the keyframe or the
     decoder's output does not match the index (the caller then decodes sequentially).
     """
-    import av
-
     frame_of_pts = {pts: number for number, pts in enumerate(index.frame_pts)}
     position_of_pts = {pts: position for position, pts in enumerate(index.packet_pts)}
     wanted = set(indices)
     found: dict[int, _Decoded] = {}
     decoded = 0
     first_pts = index.frame_pts[0]
-    with av.open(path) as container:
+    with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         time_base = stream.time_base
