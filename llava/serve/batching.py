@@ -6,8 +6,13 @@ batch's new videos in one vision pass, and runs one left-padded ``model.generate
 that arrive while a batch is decoding join the next batch. Each row keeps its own sampling settings, stop
 strings and token limit: rows are sampled by :class:`RowSampler` (a logits processor that turns each sampled
 row into a one-hot choice, so the batch-wide greedy step picks it) and ended by :class:`RowTracker` (a stopping
-criterion that also detokenizes each row's new token and hands the text to the job). A cancelled job (its
-client went away) ends at the next step and frees its place in the queue.
+criterion that also detokenizes each row's new token and hands the text to the job, with the token's
+log-probabilities when the job asked, read by :class:`~llava.serve.logprobs.LogprobRecorder` from the same
+step's scores). A cancelled job (its client went away) ends at the next step and frees its place in the queue.
+
+A failing batch does not fail its neighbours: its jobs that have not produced a token yet run again one by one,
+so only the job that fails alone gets the error. New videos go through the vision tower in chunks of at most
+``vision_chunk_frames`` frames (a long video alone), so one long video does not take the memory of all.
 
 Visual tokens are cached by content: :class:`TokenCache` maps ``(sha256 of the file, frames, fps, kind)`` to
 the encoded :class:`~llava.model.slow_fast.SlowFastTokens`, least recently used first out, so a video sent
@@ -30,11 +35,13 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from llava.mm_utils import template_stop
 from llava.model.slow_fast import SlowFastTokens
+from llava.serve.logprobs import LogprobRecorder, TokenText
 
 __all__ = [
     "BatchingEngine",
     "EngineBusy",
     "EngineClosed",
+    "EngineObserver",
     "Failed",
     "Finished",
     "GenerationJob",
@@ -95,18 +102,21 @@ class VisualInput:
 
 @dataclass
 class TextDelta:
-    """More of the answer's text."""
+    """More of the answer's text, and the log-probability entries of the tokens that wrote it (when asked)."""
 
     text: str
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
 class Finished:
-    """The answer is complete: ``reason`` is ``"stop"``, ``"length"`` or ``"cancelled"``; ``text`` is all of it."""
+    """The answer is complete: ``reason`` is ``"stop"``, ``"length"`` or ``"cancelled"``; ``text`` is all of it,
+    ``logprobs`` the entries of all its tokens (when asked)."""
 
     reason: str
     completion_tokens: int
     text: str
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -123,15 +133,18 @@ Event = TextDelta | Finished | Failed
 class GenerationJob:
     """One request for the worker: the prompt's ids ``[L]`` with one ``IMAGE_TOKEN_INDEX`` per entry of
     ``visuals`` (in order), the sampling settings, the cross-attention decode mode, and ``emit``, which receives
-    the job's events (called from the worker thread; it must not block)."""
+    the job's events (called from the worker thread; it must not block). ``logprobs``: ``None``, or how many
+    alternatives each generated token's log-probability entry lists."""
 
     input_ids: torch.Tensor
     visuals: list[VisualInput]
     sampling: SamplingParams
     decode_mode: str
     emit: Callable[[Event], None]
+    logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: bool = False
+    emitted: bool = False  # some of its answer went out: it cannot be run again
     submitted_at: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
@@ -145,6 +158,19 @@ class EngineBusy(RuntimeError):
 
 class EngineClosed(RuntimeError):
     """The engine is shutting down."""
+
+
+class EngineObserver:
+    """What the engine reports as it works (the server's metrics); every method does nothing here."""
+
+    def batch_started(self, size: int) -> None:
+        """A batch of ``size`` jobs starts (again for each job retried alone)."""
+
+    def visuals_encoded(self, encoded: int, cache_hits: int) -> None:
+        """A batch's visual inputs: ``encoded`` went through the vision tower, ``cache_hits`` were cached."""
+
+    def job_finished(self, job: GenerationJob, event: Finished | Failed, seconds: float) -> None:
+        """``job`` ended with ``event``, ``seconds`` after it was queued."""
 
 
 # --------------------------------------------------------------------------------------------------- cache
@@ -236,6 +262,8 @@ class _Row:
     def __init__(self, job: GenerationJob, tokenizer: Any, eos_ids: frozenset[int], extra_stops: tuple[str, ...],
                  finish: Callable[[GenerationJob, Event], None]) -> None:
         self.job = job
+        self.logprobs: list[dict[str, Any]] | None = None if job.logprobs is None else []  # sent with the text
+        self._unsent: list[tuple[int, dict[str, Any]]] = []  # (where the token's text starts, its entry)
         self.eos_ids = frozenset() if job.sampling.ignore_eos else eos_ids
         self.stops = tuple(s for s in (*job.sampling.stop, *extra_stops) if s)
         self.detok = _Detokenizer(tokenizer)
@@ -247,7 +275,13 @@ class _Row:
 
     def _send(self, end: int) -> None:
         if end > self.sent:
-            self.job.emit(TextDelta(self.text[self.sent : end]))
+            entries = None
+            if self.logprobs is not None:  # the tokens whose text starts before ``end``
+                entries = [e for start, e in self._unsent if start < end]
+                self._unsent = [(start, e) for start, e in self._unsent if start >= end]
+                self.logprobs += entries
+            self.job.emitted = True
+            self.job.emit(TextDelta(self.text[self.sent : end], entries))
             self.sent = end
 
     def _stop_at(self) -> int:
@@ -256,7 +290,7 @@ class _Row:
 
     def _close(self, reason: str) -> None:
         self.finished = True
-        self._finish(self.job, Finished(reason, self.count, self.text[: self.sent]))
+        self._finish(self.job, Finished(reason, self.count, self.text[: self.sent], self.logprobs))
 
     def end(self, reason: str) -> None:
         """Finish the row for ``reason``, sending the text still held back (unless it was cancelled)."""
@@ -270,8 +304,8 @@ class _Row:
             self._send(len(self.text))
         self._close(reason)
 
-    def step(self, token: int) -> None:
-        """Take the row's newest token."""
+    def step(self, token: int, entry: dict[str, Any] | None = None) -> None:
+        """Take the row's newest token (and its log-probability ``entry``, when the job asked)."""
         if self.job.cancelled.is_set():
             self.end(CANCELLED)
             return
@@ -279,6 +313,8 @@ class _Row:
         if token in self.eos_ids:
             self.end("stop")
             return
+        if entry is not None:
+            self._unsent.append((len(self.text), entry))
         self.text += self.detok.add(token)
         cut = self._stop_at()
         if cut >= 0:
@@ -289,7 +325,7 @@ class _Row:
         sent = self.sent
         self._send(len(self.text) - _held_back(self.text, self.stops))
         if self.count == 1 and self.sent == sent:  # the first token is news even when it shows no text yet
-            self.job.emit(TextDelta(""))
+            self.job.emit(TextDelta("", [] if self.logprobs is not None else None))
         if self.count >= self.job.sampling.max_new_tokens:
             self.end("length")
 
@@ -300,19 +336,25 @@ class RowTracker(StoppingCriteria):
     or cancellation).
 
     ``generate`` driven by ``inputs_embeds`` hands it only the generated ids, so ``input_ids[:, -1]`` is the
-    newest token of every row.
+    newest token of every row. ``recorder`` holds the step's log-probabilities for the rows that asked.
     """
 
     def __init__(self, jobs: list[GenerationJob], tokenizer: Any, eos_ids: list[int], extra_stops: tuple[str, ...],
-                 finish: Callable[[GenerationJob, Event], None]) -> None:
+                 finish: Callable[[GenerationJob, Event], None], recorder: LogprobRecorder | None = None,
+                 token_text: TokenText | None = None) -> None:
         eos = frozenset(eos_ids)
         self.rows = [_Row(job, tokenizer, eos, extra_stops, finish) for job in jobs]
+        self.recorder = recorder
+        self.token_text = token_text
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
         newest = input_ids[:, -1].tolist()
-        for row, token in zip(self.rows, newest):
+        for i, (row, token) in enumerate(zip(self.rows, newest)):
             if not row.finished:
-                row.step(int(token))
+                entry = None
+                if self.recorder is not None and self.token_text is not None:
+                    entry = self.recorder.entry(i, int(token), self.token_text)
+                row.step(int(token), entry)
         return torch.tensor([row.finished for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
     def end_all(self, reason: str) -> None:
@@ -376,8 +418,10 @@ class BatchingEngine:
     ``max_batch_size`` bounds the rows of one ``generate``. Before starting a batch that is not full, the worker
     waits until no job has arrived for ``batch_window_s`` (at most ten windows in all), so a burst of requests
     shares one batch while a lone request waits one window. ``max_pending`` bounds the jobs queued or running (beyond it
-    :meth:`submit` raises :class:`EngineBusy`); ``cache_size`` is the number of encoded videos kept.
-    :attr:`stats` counts batches, requests, encoded and cached videos, and cancellations.
+    :meth:`submit` raises :class:`EngineBusy`); ``cache_size`` is the number of encoded videos kept;
+    ``vision_chunk_frames`` the most frames of new videos sent through the vision tower at once (a longer video
+    goes alone). :attr:`stats` counts batches, requests, encoded and cached videos, cancellations, failures and
+    jobs retried alone; ``observer`` hears of batches, encoded videos and finished jobs.
     """
 
     def __init__(
@@ -390,6 +434,8 @@ class BatchingEngine:
         batch_window_s: float = 0.005,
         max_pending: int = 256,
         cache_size: int = 32,
+        vision_chunk_frames: int = 64,
+        observer: EngineObserver | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
@@ -397,12 +443,17 @@ class BatchingEngine:
             raise ValueError(f"max_pending must be positive, got {max_pending}")
         if batch_window_s < 0:
             raise ValueError(f"batch_window_s must be >= 0, got {batch_window_s}")
+        if vision_chunk_frames < 1:
+            raise ValueError(f"vision_chunk_frames must be positive, got {vision_chunk_frames}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.max_pending = max_pending
         self.cache = TokenCache(cache_size)
+        self.vision_chunk_frames = vision_chunk_frames
+        self.observer = observer or EngineObserver()
+        self.token_text = TokenText(tokenizer)
         self.default_decode_mode: str = getattr(model.config, "cross_attn_decode_mode", "attend")
         stop_string, stop_id = template_stop(conv_mode, tokenizer)
         eos = getattr(model.generation_config, "eos_token_id", None)
@@ -415,7 +466,7 @@ class BatchingEngine:
         self.pad_id: int = pad if pad is not None else (tokenizer.pad_token_id or 0)
         self.stats: dict[str, int] = dict.fromkeys(
             ("requests", "completed", "cancelled", "failed", "batches", "largest_batch", "videos_encoded",
-             "video_cache_hits"), 0,
+             "video_cache_hits", "retried_alone"), 0,
         )
         self._pending: deque[GenerationJob] = deque()
         self._running: list[GenerationJob] = []
@@ -482,6 +533,10 @@ class BatchingEngine:
             self._open -= 1
             self.stats[key] += 1
         try:
+            self.observer.job_finished(job, event, time.perf_counter() - job.submitted_at)
+        except Exception:  # metrics must never stop the worker
+            logger.debug("the observer failed", exc_info=True)
+        try:
             job.emit(event)
         except Exception:  # a consumer that went away must not stop the worker
             logger.debug("could not deliver the end of a job", exc_info=True)
@@ -523,12 +578,7 @@ class BatchingEngine:
             if not batch:
                 continue
             try:
-                self._run(batch)
-            except BaseException as err:  # reported to the batch's clients; the worker goes on
-                if not isinstance(err, (ValueError, torch.cuda.OutOfMemoryError)):
-                    logger.exception("a batch of %d request(s) failed", len(batch))
-                for job in batch:
-                    self._finish(job, Failed(err))
+                self._run_isolated(batch)
             finally:
                 with self._cond:
                     self._running = []
@@ -537,39 +587,85 @@ class BatchingEngine:
         for job in leftover:
             self._finish(job, Finished(CANCELLED, 0, ""))
 
+    def _run_isolated(self, batch: list[GenerationJob]) -> None:
+        """Run ``batch``; if it fails, run its jobs that have sent nothing yet one by one, so that only a job that
+        also fails alone gets the error (a job that already streamed part of its answer gets it too)."""
+        try:
+            self._run(batch)
+            return
+        except Exception as err:
+            if len(batch) == 1:
+                self._fail(batch[0], err)
+                return
+            logger.info("a batch of %d requests failed (%s: %s); running them one by one", len(batch),
+                        type(err).__name__, err)
+            first_error = err
+        for job in batch:
+            if job.done:
+                continue
+            if job.emitted:
+                self._fail(job, first_error)
+                continue
+            self.stats["retried_alone"] += 1
+            try:
+                self._run([job])
+            except Exception as err:
+                self._fail(job, err)
+
+    def _fail(self, job: GenerationJob, err: BaseException) -> None:
+        if not job.done:
+            self._finish(job, Failed(err))
+
     def _encode(self, batch: list[GenerationJob]) -> None:
         """Give every visual input of ``batch`` its tokens: from the cache, or one vision pass over the new ones."""
         missing: OrderedDict[Hashable, list[VisualInput]] = OrderedDict()
+        hits = 0
         for job in batch:
             for visual in job.visuals:
                 if visual.tokens is not None:  # found in the cache when the request was read
-                    self.stats["video_cache_hits"] += visual.from_cache
+                    hits += visual.from_cache
                     continue
                 cached = self.cache.get(visual.key)
                 if cached is not None:
                     visual.tokens, visual.from_cache, visual.pixels = cached, True, None
-                    self.stats["video_cache_hits"] += 1
+                    hits += 1
                 else:
                     missing.setdefault(visual.key, []).append(visual)
-        if not missing:
-            return
-        pixels = [group[0].pixels for group in missing.values()]
-        if any(p is None for p in pixels):
+        groups = list(missing.values())
+        if any(group[0].pixels is None for group in groups):
             raise ValueError("a visual input has neither tokens nor pixels")
-        with torch.no_grad():
-            encoded = self.model.encode_images(pixels)
-        for (key, group), tokens in zip(missing.items(), encoded):
-            self.cache.put(key, tokens)
-            self.stats["videos_encoded"] += 1
-            for i, visual in enumerate(group):
-                visual.tokens, visual.pixels = tokens, None
-                if i:  # the same video twice in one batch: encoded once
-                    visual.from_cache = True
-                    self.stats["video_cache_hits"] += 1
+        for chunk in self._vision_chunks(groups):
+            with torch.no_grad():
+                encoded = self.model.encode_images([group[0].pixels for group in chunk])
+            for group, tokens in zip(chunk, encoded):
+                self.cache.put(group[0].key, tokens)
+                for i, visual in enumerate(group):
+                    visual.tokens, visual.pixels = tokens, None
+                    if i:  # the same video twice in one batch: encoded once
+                        visual.from_cache = True
+                        hits += 1
+        self.stats["videos_encoded"] += len(groups)
+        self.stats["video_cache_hits"] += hits
+        self.observer.visuals_encoded(len(groups), hits)
+
+    def _vision_chunks(self, groups: list[list[VisualInput]]) -> list[list[list[VisualInput]]]:
+        """``groups`` (one per distinct video) in runs of at most ``vision_chunk_frames`` frames; a video with
+        more frames than that forms a run of its own."""
+        chunks: list[list[list[VisualInput]]] = []
+        frames = 0
+        for group in groups:
+            count = int(group[0].pixels.shape[0]) if group[0].pixels.dim() == 4 else 1
+            if not chunks or frames + count > self.vision_chunk_frames:
+                chunks.append([])
+                frames = 0
+            chunks[-1].append(group)
+            frames += count
+        return chunks
 
     def _run(self, batch: list[GenerationJob]) -> None:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        self.observer.batch_started(len(batch))
         self._encode(batch)
         device = self.model.device
         length = max(job.input_ids.shape[0] for job in batch)
@@ -580,7 +676,9 @@ class BatchingEngine:
             input_ids[row, length - n :] = job.input_ids
             attention_mask[row, length - n :] = 1
         visual = [v.tokens for job in batch for v in job.visuals]
-        tracker = RowTracker(batch, self.tokenizer, self.eos_ids, self.extra_stops, self._finish)
+        recorder = LogprobRecorder([job.logprobs for job in batch])
+        tracker = RowTracker(batch, self.tokenizer, self.eos_ids, self.extra_stops, self._finish,
+                             recorder if recorder.active else None, self.token_text)
         sampler = RowSampler([job.sampling for job in batch], self.eos_ids)
         kwargs: dict[str, Any] = dict(
             attention_mask=attention_mask.to(device),
@@ -588,7 +686,8 @@ class BatchingEngine:
             do_sample=False,
             max_new_tokens=max(job.sampling.max_new_tokens for job in batch),
             pad_token_id=self.pad_id,
-            logits_processor=LogitsProcessorList([sampler]),
+            # the recorder first: log-probabilities of the model's scores, before the sampler changes them
+            logits_processor=LogitsProcessorList([recorder, sampler] if recorder.active else [sampler]),
             stopping_criteria=StoppingCriteriaList([tracker]),
         )
         if self.eos_ids:

@@ -4,8 +4,10 @@ A request names a medium by URL: a ``data:`` URL carrying the file itself (``dat
 ``data:image/png;base64,...``), or, only when the operator named a media root, a ``file://`` URL or a plain path
 inside that folder. Remote ``http(s)://`` URLs are never fetched. :func:`resolve_media` turns the URL into a
 :class:`MediaSource` (bytes or a checked path, plus the SHA-256 of the content, the key of the video cache);
-:func:`decode_media` decodes it with :func:`llava.video.load_video` after checking that the decoded frames fit
-the request's budget. Every refusal is a :class:`MediaError` whose message says what is wrong with which part.
+:func:`probe_media` reads its header through the media gate (:mod:`llava.media_gate`: allowed containers and
+codecs, size, duration and frame bounds) without decoding, and :func:`decode_media` decodes it with
+:func:`llava.video.load_video` within the same limits (decoding work and time included). Every refusal is a
+:class:`MediaError` whose message says what is wrong with which part.
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
+from collections.abc import Callable
 from urllib.parse import unquote, urlparse
 
-from llava.video import VideoClip, VideoLoadError, load_video
+from llava.media_gate import MediaInfo, MediaLimits, MediaRefused, probe
+from llava.video import IMAGE_EXTENSIONS, VideoClip, VideoLoadError, load_video
 
 __all__ = [
     "MediaError",
     "MediaSource",
     "decode_media",
     "decoded_bytes_bound",
+    "media_path",
+    "probe_media",
     "resolve_media",
 ]
 
@@ -51,13 +57,15 @@ _HASH_CHUNK = 1 << 20
 
 
 class MediaError(ValueError):
-    """A medium the server will not read. ``status`` is the HTTP status to answer with (400, or 413 when too
-    large); ``param`` names the request field (``messages[0].content[1].video_url``)."""
+    """A medium the server will not read. ``status`` is the HTTP status to answer with (400, 403 outside the
+    media root, or 413 over a limit); ``param`` names the request field (``messages[0].content[1].video_url``);
+    ``code`` is the error's machine-readable tag."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
         self.status = status
+        self.code = code or ("invalid_media" if status == 400 else "media_too_large" if status == 413 else None)
 
 
 @dataclass
@@ -179,22 +187,34 @@ def resolve_media(url: str, kind: str, param: str, media_root: str | None, max_b
     return _local_file(url, kind, param, media_root, max_bytes)
 
 
-def _frame_geometry(path: str, kind: str) -> tuple[int, int, int | None]:
-    """``(width, height, frames or None)`` read from the header, without decoding pixels."""
-    if kind == "image" or os.path.splitext(path)[1].lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif",
-                                                                 ".tiff"):
-        from PIL import Image
+def media_path(source: MediaSource, on_close: Callable[[Callable[[], None]], None]) -> str:
+    """A file holding ``source``: its path under the media root, or a temporary file (with the suffix that makes
+    :func:`~llava.video.load_video` take it for a video or an image) whose removal is handed to ``on_close``."""
+    if source.path is not None:
+        return source.path
+    handle, temp_path = tempfile.mkstemp(prefix="llava-api-", suffix=source.suffix)
+    on_close(lambda: _unlink(temp_path))
+    with os.fdopen(handle, "wb") as out:
+        out.write(source.data or b"")
+    return temp_path
 
-        with Image.open(path) as image:
-            return image.width, image.height, 1
-    import av
 
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        width, height = stream.codec_context.width, stream.codec_context.height
-        return width, height, (stream.frames or None)
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _refusal(source: MediaSource, err: VideoLoadError, path: str) -> MediaError:
+    """The :class:`MediaError` for an error of the loader: 413 over a numeric limit of the gate, 400 for a
+    refused format or an unreadable file; it names the request field and leaves the server's path out."""
+    cause = _short(err.cause, path)
+    if isinstance(err, MediaRefused):
+        over_limit = err.limit.startswith("max_")
+        return MediaError(f"{source.param}: the {source.kind} is refused ({cause})", source.param,
+                          status=413 if over_limit else 400, code=None if over_limit else "unsupported_media")
+    return MediaError(f"{source.param}: cannot read the {source.kind} ({cause})", source.param)
 
 
 def decoded_bytes_bound(width: int, height: int, frames: int) -> int:
@@ -202,61 +222,35 @@ def decoded_bytes_bound(width: int, height: int, frames: int) -> int:
     return width * height * 3 * frames
 
 
-def decode_media(source: MediaSource, max_frames: int, fps: float | None, budget_bytes: int) -> VideoClip:
-    """Decode ``source``: an image as one frame, a video as up to ``max_frames`` frames (``fps``: at that rate).
-
-    Before decoding, the frame size in the file's header bounds the decoded frames' bytes; over
-    ``budget_bytes`` raises :class:`MediaError` (status 413) without decoding anything. An undecodable file
-    raises :class:`MediaError` naming the request field and the decoder's complaint.
-    """
-    frames = 1 if source.kind == "image" else max_frames
-    temp_path = None
+def probe_media(source: MediaSource, path: str, limits: MediaLimits) -> MediaInfo:
+    """The header of ``source`` (stored at ``path``), checked by the media gate; no frame is decoded.
+    Raises :class:`MediaError`."""
+    as_image = os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
     try:
-        path = source.path
-        if path is None:
-            handle, temp_path = tempfile.mkstemp(prefix="llava-api-", suffix=source.suffix)
-            with os.fdopen(handle, "wb") as out:
-                out.write(source.data or b"")
-            path = temp_path
-        try:
-            width, height, total = _frame_geometry(path, source.kind)
-        except Exception as err:  # any parser failure means the file is not a readable medium
-            raise MediaError(
-                f"{source.param}: cannot read the {source.kind} ({_short(err, path)})", source.param
-            ) from err
-        if width <= 0 or height <= 0:
-            raise MediaError(f"{source.param}: cannot read the {source.kind} (no frame size in the file)", source.param)
-        expected = min(frames, total) if total else frames
-        needed = decoded_bytes_bound(width, height, expected)
-        if needed > budget_bytes:
-            raise MediaError(
-                f"{source.param}: {expected} decoded frame(s) of {width}x{height} take {needed / 2**20:.1f} MiB, over "
-                f"the {budget_bytes / 2**20:.1f} MiB left of the server's decoded-frame limit: send fewer frames "
-                "(max_frames) or a smaller video", source.param, status=413,
-            )
-        try:
-            clip = load_video(path, frames, fps=fps if source.kind == "video" else None)
-        except VideoLoadError as err:
-            raise MediaError(
-                f"{source.param}: cannot read the {source.kind} ({_short(err.cause, path)})", source.param
-            ) from err
-        actual = clip.frames.nbytes
-        if actual > budget_bytes:  # the header lied about the size
-            raise MediaError(
-                f"{source.param}: the decoded frames take {actual / 2**20:.1f} MiB, over the server's limit",
-                source.param, status=413,
-            )
-        return clip
-    finally:
-        if temp_path is not None:
-            try:
-                os.unlink(temp_path)
-            except OSError:
-                pass
+        return probe(path, limits, as_image=as_image)
+    except VideoLoadError as err:
+        raise _refusal(source, err, path) from err
+
+
+def decode_media(source: MediaSource, path: str, frames: int, fps: float | None, limits: MediaLimits,
+                 budget_bytes: int) -> VideoClip:
+    """Decode ``source`` (stored at ``path``) through :func:`~llava.video.load_video` within ``limits``: an
+    image as one frame, a video as up to ``frames`` frames (``fps``: at that rate). Decoded frames over
+    ``budget_bytes`` (the header said less) are refused (413). Raises :class:`MediaError`."""
+    try:
+        clip = load_video(path, frames if source.kind == "video" else 1,
+                          fps=fps if source.kind == "video" else None, limits=limits)
+    except VideoLoadError as err:
+        raise _refusal(source, err, path) from err
+    if clip.frames.nbytes > budget_bytes:
+        raise MediaError(f"{source.param}: the decoded frames take {clip.frames.nbytes / 2**20:.1f} MiB, more than "
+                         "their header announced", source.param, status=413)
+    return clip
 
 
 def _short(err: BaseException | str, path: str) -> str:
-    """One line of at most 200 characters, with the server-side path (a temporary file) left out."""
+    """One line of at most 300 characters, with the server-side path (a temporary file) left out."""
     text = " ".join(str(err).replace(f"'{path}'", "the file").replace(path, "the file").split())
     text = text or type(err).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    return text if len(text) <= 300 else text[:297] + "..."
+
