@@ -250,15 +250,15 @@ def open_image(path: str, limits: MediaLimits | None = None, shown_path: str | N
 def _check_size(path: str, what: str, width: int, height: int, limits: MediaLimits) -> None:
     if width <= 0 or height <= 0:
         raise VideoLoadError(path, f"{what} has no frame size in its header")
-    if limits.max_side is not None and max(width, height) > limits.max_side:
-        raise MediaRefused(
-            path, f"{what} is {width}x{height}, over the limit of {limits.max_side} pixels a side (max_side)",
-            "max_side",
-        )
     if limits.max_pixels is not None and width * height > limits.max_pixels:
         raise MediaRefused(
             path, f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of "
                   f"{limits.max_pixels:,} (max_pixels)", "max_pixels",
+        )
+    if limits.max_side is not None and max(width, height) > limits.max_side:
+        raise MediaRefused(
+            path, f"{what} is {width}x{height}, over the limit of {limits.max_side} pixels a side (max_side)",
+            "max_side",
         )
 
 
@@ -409,7 +409,7 @@ def _context() -> Any:
     if "forkserver" in methods:
         context = multiprocessing.get_context("forkserver")
         # the fork server starts once; children fork from it with these already imported
-        context.set_forkserver_preload(["numpy", "av", "PIL.Image", "llava.video", "llava.media_gate"])
+        context.set_forkserver_preload(["numpy", "av", "decord", "PIL.Image", "llava.video", "llava.media_gate"])
         return context
     return multiprocessing.get_context("spawn")
 
