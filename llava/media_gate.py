@@ -14,22 +14,28 @@ training) passes every file through here first:
   frame count.
 * **Decoding work**: :attr:`MediaLimits.max_decode_frames` bounds the frames the decoder must decode to reach
   the sampled ones (predicted from the keyframe positions, so a long file with one keyframe is refused
-  before it is decoded), and :attr:`MediaLimits.max_decode_seconds` runs the decoding in a child process that
+  before it is decoded), and :attr:`MediaLimits.max_decode_seconds` runs the decoding in a worker process that
   is killed when it overruns (:func:`run_with_deadline`), whichever backend decodes.
 
 Each refusal is a :class:`MediaRefused` (a :class:`~llava.video.VideoLoadError`) naming the file and the limit.
-The defaults (:data:`DEFAULT_LIMITS`) only refuse what no training set holds; a server passes tighter ones.
+The defaults (:data:`DEFAULT_LIMITS`) only refuse what no training set holds; what comes from the network gets
+:data:`UPLOAD_LIMITS` (the API server moves each bound with an option).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import math
-import multiprocessing
 import os
+import socket
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from llava.video import VideoLoadError
@@ -42,7 +48,10 @@ __all__ = [
     "MediaInfo",
     "MediaLimits",
     "MediaRefused",
+    "UPLOAD_LIMITS",
+    "busy_workers",
     "check_decode_work",
+    "check_frame_count",
     "open_container",
     "open_image",
     "probe",
@@ -136,6 +145,12 @@ class MediaLimits:
 
 
 DEFAULT_LIMITS = MediaLimits()
+# For files that come from the network (the API server's defaults, the web demo's uploads): a decode time limit,
+# a bound on the decoding work, and frames of at most 4096 x 4096.
+UPLOAD_LIMITS = MediaLimits(
+    max_side=8192, max_pixels=4096 * 4096, max_duration_s=3 * 3600.0, max_source_frames=3 * 3600 * 60,
+    max_decode_frames=20_000, max_decode_seconds=30.0,
+)
 
 
 @dataclass(frozen=True)
@@ -336,7 +351,13 @@ def _check_length(path: str, info: MediaInfo, limits: MediaLimits) -> None:
     frames = info.frames
     if frames is None and info.duration is not None and info.fps is not None:
         frames = math.ceil(info.duration * info.fps)
-    if limits.max_source_frames is not None and frames is not None and frames > limits.max_source_frames:
+    if frames is not None:
+        check_frame_count(path, frames, limits)
+
+
+def check_frame_count(path: str, frames: int, limits: MediaLimits) -> None:
+    """Refuse a video (or frames folder) of more than :attr:`MediaLimits.max_source_frames` frames."""
+    if limits.max_source_frames is not None and frames > limits.max_source_frames:
         raise MediaRefused(
             path, f"the video has {frames:,} frames, over the limit of {limits.max_source_frames:,} "
                   "(max_source_frames)", "max_source_frames",
@@ -387,68 +408,149 @@ def check_decode_work(path: str, wanted: Callable[[int, float], list[int]], limi
 
 # ------------------------------------------------------------------------------------------------ deadline
 
-
-def _child(conn: Any, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    """Body of the decoding child: say it started, run ``target(*args)``, send back the result or the error."""
-    conn.send(("started", None))
-    try:
-        result = target(*args)
-    except VideoLoadError as err:
-        conn.send(("refused" if isinstance(err, MediaRefused) else "unreadable",
-                   (err.path, err.cause, getattr(err, "limit", None))))
-    except BaseException as err:  # sent as text: arbitrary exceptions do not always pickle
-        conn.send(("error", f"{type(err).__name__}: {err}"))
-    else:
-        conn.send(("ok", result))
-    finally:
-        conn.close()
+_STOPPED: list[int] = []  # process ids of decoding workers killed at their deadline (the latest last)
 
 
-def _context() -> Any:
-    methods = multiprocessing.get_all_start_methods()
-    if "forkserver" in methods:
-        context = multiprocessing.get_context("forkserver")
-        # the fork server starts once; children fork from it with these already imported
-        context.set_forkserver_preload(["numpy", "av", "decord", "PIL.Image", "llava.video", "llava.media_gate"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-def run_with_deadline(target: Callable[..., Any], args: tuple[Any, ...], seconds: float, path: str) -> Any:
-    """``target(*args)`` in a child process, killed if it has not finished ``seconds`` after it started.
-
-    ``target`` must be a module-level function (it is pickled by name); its result comes back pickled.
-    Process start-up is not counted in ``seconds``. Raises :class:`MediaRefused` (``max_decode_seconds``) on
-    an overrun; a :class:`~llava.video.VideoLoadError` raised by ``target`` is raised again here.
-    """
-    if multiprocessing.current_process().daemon:
-        raise RuntimeError(
-            "max_decode_seconds decodes in a child process, which a daemonic process (e.g. a DataLoader worker) "
-            "cannot start: leave max_decode_seconds unset there"
-        )
-    context = _context()
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(sender, target, args), name="llava-decode", daemon=True)
-    process.start()
-    sender.close()
-    try:
+def _serve(conn: Any) -> None:
+    """A decoding worker's loop: take ``(target, args)``, say it started, send back the result or the error."""
+    while True:
         try:
-            if not receiver.poll(_STARTUP_TIMEOUT_S):
-                raise VideoLoadError(path, "the decoding process did not start")
-            receiver.recv()  # ("started", None)
-            if not receiver.poll(seconds):
+            target, args = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        conn.send(("started", None))
+        try:
+            result = target(*args)
+        except VideoLoadError as err:
+            conn.send(("refused" if isinstance(err, MediaRefused) else "unreadable",
+                       (err.path, err.cause, getattr(err, "limit", None))))
+        except Exception as err:  # noqa: BLE001 - sent as text: arbitrary exceptions do not always pickle
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+        else:
+            conn.send(("ok", result))
+
+
+def worker_main() -> None:
+    """Entry point of a decoding worker process (``sys.argv[1]``: the file descriptor of its socket)."""
+    from multiprocessing.connection import Connection
+
+    import av  # noqa: F401 - imported before the first job, whose deadline must not pay for it
+
+    with contextlib.suppress(ImportError):
+        import decord  # noqa: F401
+    conn = Connection(int(sys.argv[1]))
+    conn.send(("ready", None))
+    _serve(conn)
+
+
+class _Worker:
+    """A process that decodes for this one, one job at a time, and is killed when a job overruns.
+
+    A fresh interpreter (``python -c``) rather than a ``multiprocessing`` child: it does not import the
+    parent's main module (a server's: torch and the model code), and daemonic processes may start it.
+    """
+
+    def __init__(self) -> None:
+        from multiprocessing.connection import Connection
+
+        mine, theirs = socket.socketpair()
+        root = str(Path(__file__).resolve().parents[1])  # the folder holding the llava package
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        code = "from llava.media_gate import worker_main; worker_main()"
+        with theirs:
+            self.process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())], env=env,
+                                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL)
+        self.conn = Connection(mine.detach())
+        self.ready = False
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.conn.close()
+
+    def run(self, target: Callable[..., Any], args: tuple[Any, ...], seconds: float, path: str) -> tuple[str, Any]:
+        """``(status, payload)`` of ``target(*args)``; kills the worker and refuses on an overrun."""
+        try:
+            if not self.ready:
+                if not self.conn.poll(_STARTUP_TIMEOUT_S):
+                    raise VideoLoadError(path, "the decoding process did not start")
+                self.conn.recv()  # ("ready", None)
+                self.ready = True
+            self.conn.send((target, args))
+            self.conn.recv()  # ("started", None): the deadline counts from here
+            if not self.conn.poll(seconds):
+                _STOPPED.append(self.process.pid)
                 raise MediaRefused(
                     path, f"decoding took longer than {seconds:g} s and was stopped (max_decode_seconds)",
                     "max_decode_seconds",
                 )
-            status, payload = receiver.recv()
-        except EOFError:
-            raise VideoLoadError(path, f"the decoding process died (exit code {process.exitcode})") from None
+            return self.conn.recv()
+        except (EOFError, OSError):
+            raise VideoLoadError(path, f"the decoding process died (exit code {self.process.poll()})") from None
+
+
+class _Workers:
+    """Idle decoding workers kept for the next job (at most ``keep``); busy ones are counted."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.idle: list[_Worker] = []
+        self.busy = 0
+        self.lock = threading.Lock()
+        atexit.register(self.close)
+
+    def take(self) -> _Worker:
+        with self.lock:
+            self.busy += 1
+            while self.idle:
+                worker = self.idle.pop()
+                if worker.process.poll() is None:
+                    return worker
+        return _Worker()
+
+    def give_back(self, worker: _Worker | None) -> None:
+        with self.lock:
+            self.busy -= 1
+            if worker is not None and len(self.idle) < self.keep:
+                self.idle.append(worker)
+                return
+        if worker is not None:
+            worker.kill()
+
+    def close(self) -> None:
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for worker in idle:
+            worker.kill()
+
+
+_WORKERS = _Workers()
+
+
+def busy_workers() -> int:
+    """Decoding workers running a job now."""
+    with _WORKERS.lock:
+        return _WORKERS.busy
+
+
+def run_with_deadline(target: Callable[..., Any], args: tuple[Any, ...], seconds: float, path: str) -> Any:
+    """``target(*args)`` in a decoding worker process, killed if it has not finished ``seconds`` after it began.
+
+    ``target`` must be a module-level function (it is pickled by name); its result comes back pickled.
+    Starting a worker is not counted in ``seconds``; idle workers are kept for later jobs. Raises
+    :class:`MediaRefused` (``max_decode_seconds``) on an overrun; a :class:`~llava.video.VideoLoadError` raised
+    by ``target`` is raised again here.
+    """
+    worker: _Worker | None = _WORKERS.take()
+    try:
+        status, payload = worker.run(target, args, seconds, path)
+    except BaseException:
+        worker.kill()
+        worker = None
+        raise
     finally:
-        receiver.close()
-        if process.is_alive():
-            process.kill()
-        process.join()
+        _WORKERS.give_back(worker)
     if status == "ok":
         return payload
     if status == "refused":

@@ -165,9 +165,8 @@ def load_video(
 ) -> VideoClip:
     """Decode a sampled subset of frames from a video, an image, or a frames folder.
 
-    Every input passes :mod:`llava.media_gate` first (allowed containers and codecs, header bounds, the
-    decoding work and time): ``limits`` is a :class:`~llava.media_gate.MediaLimits` (default
-    :data:`~llava.media_gate.DEFAULT_LIMITS`).
+    Every input passes :mod:`llava.media_gate` first, within ``limits`` (a :class:`~llava.media_gate.MediaLimits`;
+    default :data:`~llava.media_gate.DEFAULT_LIMITS`).
 
     Args:
         path: video file, animated GIF, single image file, or directory of image frames.
@@ -231,24 +230,17 @@ def _decode_vetted(path_str: str, info: Any, max_frames: int, fps: float | None,
         return _load_image(path_str, limits)
     media_gate.check_decode_work(path_str, lambda total, rate: _select_indices(total, rate, max_frames, fps), limits)
     with media_gate.vetted(info, limits):
-        return _decode_video(path_str, info, max_frames, fps, backend)
-
-
-def _decode_video(path_str: str, info: Any, max_frames: int, fps: float | None, backend: str) -> VideoClip:
-    if info.animated:  # decord cannot read GIFs
+        if backend == "pyav" or info.animated:  # decord cannot read GIFs
+            return _load_with_pyav(path_str, max_frames, fps)
+        if backend == "decord":
+            return _load_with_decord(_import_decord(required=True), path_str, max_frames, fps)
+        decord = _import_decord(required=False)
+        if decord is not None:
+            try:
+                return _load_with_decord(decord, path_str, max_frames, fps)
+            except VideoLoadError as err:
+                logger.debug("decord failed on %s (%s); retrying with PyAV", path_str, err.cause)
         return _load_with_pyav(path_str, max_frames, fps)
-    if backend == "pyav":
-        return _load_with_pyav(path_str, max_frames, fps)
-    if backend == "decord":
-        return _load_with_decord(_import_decord(required=True), path_str, max_frames, fps)
-
-    decord = _import_decord(required=False)
-    if decord is not None:
-        try:
-            return _load_with_decord(decord, path_str, max_frames, fps)
-        except VideoLoadError as err:
-            logger.debug("decord failed on %s (%s); retrying with PyAV", path_str, err.cause)
-    return _load_with_pyav(path_str, max_frames, fps)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -304,7 +296,7 @@ def _load_image(path: str, limits: Any) -> VideoClip:
 
 
 def _load_frames_folder(path: str, max_frames: int, fps: float | None, limits: Any) -> VideoClip:
-    from llava.media_gate import MediaRefused
+    from llava.media_gate import check_frame_count
 
     names = sorted(
         (n for n in os.listdir(path) if _is_image(n) and os.path.isfile(os.path.join(path, n))),
@@ -312,9 +304,7 @@ def _load_frames_folder(path: str, max_frames: int, fps: float | None, limits: A
     )
     if not names:
         raise VideoLoadError(path, "directory contains no image frames")
-    if limits.max_source_frames is not None and len(names) > limits.max_source_frames:
-        raise MediaRefused(path, f"the folder has {len(names):,} frames, over the limit of "
-                                 f"{limits.max_source_frames:,} (max_source_frames)", "max_source_frames")
+    check_frame_count(path, len(names), limits)
     video_fps = float(fps) if fps is not None else 1.0
     indices = uniform_frame_indices(len(names), max_frames)
     frames = [_read_rgb_image(os.path.join(path, names[i]), path, limits) for i in indices]

@@ -13,8 +13,12 @@ import sys
 import zlib
 from pathlib import Path
 
-import av
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from benchmarks.refusals import one_keyframe_video  # noqa: E402
 
 IN_ACCESS = 0x001
 IN_OPEN = 0x020
@@ -68,26 +72,11 @@ class OpenWatch:
         os.close(self._fd)
 
 
-def write_one_keyframe_video(path: Path, frames: int, size: int = 16, fps: int = 30,
-                             keyframe_every: int | None = None) -> Path:
+def write_one_keyframe_video(path: Path, frames: int, size: int = 16, keyframe_every: int | None = None) -> Path:
     """An H.264 MP4 (no B-frames) of ``frames`` still frames of ``size`` x ``size`` with a single keyframe (every
     frame depends on the one before: sampling the last frame means decoding them all), or one every
     ``keyframe_every`` frames."""
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        gop = str(keyframe_every or 2 * frames)
-        stream.options = {"preset": "ultrafast", "g": gop, "keyint_min": gop,
-                          "sc_threshold": "0", "bframes": "0"}
-        frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 90, np.uint8), format="rgb24")
-        for i in range(frames):
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return one_keyframe_video(path, frames, size, size, keyframe_every, noise=False)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -106,3 +95,13 @@ def write_png_bomb(path: Path, side: int = 13000) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data)
                      + _png_chunk(b"IEND", b""))
     return path
+
+
+def assert_stopped() -> None:
+    """The media gate's latest overrunning decode was killed (its worker process is gone) and none is running."""
+    from llava import media_gate
+
+    assert media_gate.busy_workers() == 0
+    assert media_gate._STOPPED, "no decode was stopped"
+    assert not Path(f"/proc/{media_gate._STOPPED[-1]}").exists(), "the stopped worker is still there"
+

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from media_helpers import OpenWatch, write_one_keyframe_video, write_png_bomb
+from media_helpers import OpenWatch, assert_stopped, write_one_keyframe_video, write_png_bomb
 from test_api import (  # noqa: F401 - weights is a fixture
     DEMO_URL,
     DEMO_VIDEO,
@@ -134,14 +134,13 @@ def test_a_video_with_one_keyframe_is_refused_by_its_decoding_work(served, one_k
 
 def test_a_decode_over_its_time_limit_is_stopped_and_frees_its_thread(weights, one_keyframe):
     import dataclasses
-    import multiprocessing
-
+    
     limits = MediaLimits(max_decode_frames=None, max_decode_seconds=0.05)
     with running_server(weights, media_limits=limits, decode_workers=1, max_body_bytes=BIG_BODY) as (server, url):
         client = client_for(url)
         err = refusal(lambda: ask(client, [user(video_part(data_url(one_keyframe.read_bytes())), QUESTION)]))
         assert err.status_code == 413 and "max_decode_seconds" in err.body["message"], err.body
-        assert not [p for p in multiprocessing.active_children() if p.name == "llava-decode"]  # killed, not waited for
+        assert_stopped()  # killed, not waited for
         server.options.media_limits = dataclasses.replace(limits, max_decode_seconds=60.0)
         fresh = data_url(write_video_bytes(shape=(4, 32, 32), seed=11))  # not cached: needs the one decode thread
         assert ask(client, [user(video_part(fresh), QUESTION)]).choices[0].finish_reason == "stop"
@@ -474,7 +473,7 @@ def test_metrics_are_served_in_prometheus_text_format(served):
 
 @pytest.mark.parametrize("argv", [
     ["--max-decode-seconds", "0"], ["--max-pixels", "-5"], ["--max-inflight-mb", "8", "--max-body-mb", "64"],
-    ["--max-prompt-chars", "many"], ["--max-video-seconds", "nan"],
+    ["--max-prompt-chars", "many"], ["--max-video-seconds", "nan"], ["--allowed-host", "http://evil.example/"],
 ])
 def test_limit_options_are_validated(argv, capfd, tmp_path):
     assert api.main(["--model-path", str(tmp_path), *argv]) == 2

@@ -8,13 +8,12 @@ is watched with inotify (C-level opens, FFmpeg's and decord's included) and a Py
 
 from __future__ import annotations
 
-import multiprocessing
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from media_helpers import OpenWatch, write_one_keyframe_video, write_png_bomb
+from media_helpers import OpenWatch, assert_stopped, write_one_keyframe_video, write_png_bomb
 
 from llava import media_gate, video
 from llava.media_gate import MediaLimits, MediaRefused
@@ -128,7 +127,8 @@ def test_a_long_video_is_refused_by_its_duration_and_frame_count(one_keyframe):
 def test_a_video_with_one_keyframe_is_refused_by_its_decoding_work_before_a_frame_is_decoded(one_keyframe,
                                                                                                 monkeypatch):
     decoded = []
-    monkeypatch.setattr(video, "_decode_video", lambda *args: decoded.append(args))
+    for decoder in ("_load_with_pyav", "_load_with_decord"):
+        monkeypatch.setattr(video, decoder, lambda *args: decoded.append(args))
     err = refused(one_keyframe, max_frames=16, limits=MediaLimits(max_decode_frames=20_000))
     assert err.limit == "max_decode_frames" and "decoding 60,000 frames" in err.cause
     assert decoded == []
@@ -146,7 +146,7 @@ def test_decoding_work_counts_from_each_keyframe(tmp_path):
 def test_a_decode_over_its_time_limit_is_stopped(one_keyframe, backend):
     err = refused(one_keyframe, max_frames=16, backend=backend, limits=MediaLimits(max_decode_seconds=0.05))
     assert err.limit == "max_decode_seconds" and "was stopped" in err.cause
-    assert not [p for p in multiprocessing.active_children() if p.name == "llava-decode"]
+    assert_stopped()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests held at once, from their first byte (reading, decoding, queued, generating) "
                              "before new ones get 429 (default 256)")
     limits = parser.add_argument_group("limits checked before the work they bound")
-    limits.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+    limits.add_argument("--allowed-host", action="append", default=[], metavar="NAME", type=_host_name,
                         help="another host name this server answers to without --api-key (repeatable; '*': any)")
     limits.add_argument("--max-inflight-mb", type=positive_float, default=4096.0,
                         help="memory all requests held may reserve together: bodies, decoded frames, pixels "
@@ -172,6 +172,14 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number (0-65535), got {value}")
     return value
+
+
+def _host_name(text: str) -> str:
+    """A host name or address as ``Host`` headers carry it (no scheme, path or port), or ``*``."""
+    name = text.strip().lower()
+    if name == "*" or (name and all(c.isalnum() or c in "-._:[]" for c in name) and not name.startswith(".")):
+        return name
+    raise argparse.ArgumentTypeError(f"expected a host name such as 'llava.internal' or '10.0.0.5', got {text!r}")
 
 
 def _is_loopback(host: str) -> bool:

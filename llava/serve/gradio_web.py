@@ -53,6 +53,7 @@ from llava.serve.options import (
     probability,
     quiet_libraries,
 )
+from llava.media_gate import UPLOAD_LIMITS
 from llava.video import VideoClip, VideoLoadError, load_video
 
 __all__ = [
@@ -211,7 +212,7 @@ def decode_upload(path: str, max_frames: int, max_bytes: int, name: str | None =
         raise UploadRefused(f"`{name}` is {format_size(size)}, over the upload limit of {format_size(max_bytes)}")
     start = time.perf_counter()
     try:
-        clip = load_video(path, max_frames)
+        clip = load_video(path, max_frames, limits=UPLOAD_LIMITS)  # an upload: decoding work and time bounded
     except VideoLoadError as err:
         raise UploadRefused(f"`{name}` is not a video this demo can read ({err.cause})") from err
     return clip, time.perf_counter() - start

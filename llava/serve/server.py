@@ -29,7 +29,7 @@ import torch
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
-from llava.media_gate import MediaInfo, MediaLimits
+from llava.media_gate import UPLOAD_LIMITS, MediaInfo, MediaLimits
 from llava.mm_utils import frame_count_warning, tokenizer_image_token, trained_video_frames
 from llava.model.slow_fast import SlowFastTokens, count_visual_tokens
 from llava.serve.batching import BatchingEngine, EngineClosed, SamplingParams, VisualInput
@@ -55,10 +55,7 @@ MB = 1024 * 1024
 DEFAULT_MAX_FRAMES = 64
 PIXEL_BYTES = 4  # the image processor's float32
 # What a server decodes at most unless told otherwise (each bound is a command-line option).
-SERVER_MEDIA_LIMITS = MediaLimits(
-    max_side=8192, max_pixels=4096 * 4096, max_duration_s=3 * 3600.0, max_source_frames=3 * 3600 * 60,
-    max_decode_frames=20_000, max_decode_seconds=30.0,
-)
+SERVER_MEDIA_LIMITS = UPLOAD_LIMITS
 
 
 @dataclass
