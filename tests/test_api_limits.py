@@ -21,7 +21,8 @@ import httpx
 import pytest
 import torch
 from media_helpers import OpenWatch, assert_stopped, write_one_keyframe_video, write_png_bomb
-from test_api import (  # noqa: F401 - weights is a fixture
+from test_api import (
+    CHECKPOINT,
     DEMO_URL,
     DEMO_VIDEO,
     MODEL,
@@ -35,11 +36,11 @@ from test_api import (  # noqa: F401 - weights is a fixture
     stream_chunks,
     user,
     video_part,
-    weights,
     write_video_bytes,
 )
 
 from llava.media_gate import MediaLimits
+from llava.model.builder import load_pretrained_model
 from llava.serve import api, batching
 from llava.serve.limits import Admission
 from llava.serve.prompt import bounded_token_count
@@ -59,6 +60,11 @@ def post(url: str, body: bytes | str, **headers) -> httpx.Response:
 
 def chat_body(messages: list[dict], **fields) -> str:
     return json.dumps({"model": MODEL, "messages": messages, "max_tokens": 8, **fields})
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return load_pretrained_model(str(CHECKPOINT), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from media_helpers import OpenWatch, assert_stopped, write_one_keyframe_video, write_png_bomb
 
-from llava import media_gate, video
+from llava import video
 from llava.media_gate import MediaLimits, MediaRefused
 from llava.video import VideoLoadError, load_video
 

@@ -30,7 +30,6 @@ __all__ = [
     "MediaError",
     "MediaSource",
     "decode_media",
-    "decoded_bytes_bound",
     "media_path",
     "probe_media",
     "resolve_media",
@@ -215,11 +214,6 @@ def _refusal(source: MediaSource, err: VideoLoadError, path: str) -> MediaError:
         return MediaError(f"{source.param}: the {source.kind} is refused ({cause})", source.param,
                           status=413 if over_limit else 400, code=None if over_limit else "unsupported_media")
     return MediaError(f"{source.param}: cannot read the {source.kind} ({cause})", source.param)
-
-
-def decoded_bytes_bound(width: int, height: int, frames: int) -> int:
-    """Bytes of ``frames`` decoded RGB frames of ``width x height`` (``uint8``, 3 channels)."""
-    return width * height * 3 * frames
 
 
 def probe_media(source: MediaSource, path: str, limits: MediaLimits) -> MediaInfo:
