@@ -5,8 +5,8 @@ cannot import timm, hence not the project's model): ``python tests/vllm_plugin/r
 ``{"checkpoint": DIR, "requests": [...], "cross_attention": true}`` answers each request
 ``{"prompt": TEXT, "video": NPY | null, "image": NPY | null, "max_tokens": N}`` with greedy tokens (no end-of-sequence
 stop) and the log-probability of every prompt token given the ones before it, over the merged sequence (text with
-fast tokens), as the project's model computes them. ``"cli": {"checkpoint", "video", "questions"}`` gives the CLI's
-answers (``ChatSession``) instead.
+fast tokens), as the project's model computes them. ``{"cli": {"checkpoint", "video", "questions"}}`` gives the
+CLI's answers (``ChatSession``) instead.
 """
 
 from __future__ import annotations
@@ -100,17 +100,23 @@ def answer(spec: dict) -> list[dict]:
     return results
 
 
-def cli_answers(spec: dict) -> list[str]:
+def cli_answers(spec: dict) -> dict[str, str]:
+    """The CLI's greedy answer to each question (``"demo"``: the demo video's six), a new conversation each."""
     from llava.model.builder import load_pretrained_model
     from llava.serve.cli import ChatSession
 
     tokenizer, model, processor, _ = load_pretrained_model(spec["checkpoint"], device="cpu")
     session = ChatSession(tokenizer, model, processor)
+    questions = spec["questions"]
+    if questions == "demo":
+        from playground.demo_video import DEMO_QUESTIONS
+
+        questions = list(DEMO_QUESTIONS)
     answers = []
-    for question in spec["questions"]:
+    for question in questions:
         session.load_video(spec["video"])
         answers.append(session.ask(question).text.strip())
-    return answers
+    return dict(zip(questions, answers))
 
 
 def run_job(spec: dict) -> dict:
