@@ -4,7 +4,9 @@ token) and the decoder prompt (the text with one placeholder per fast token).
 A request carries at most one visual item, a video or an image (vLLM's encoder-decoder path schedules one
 encoder input per request). Images are folded into the video modality as one-frame videos, padded to a square with
 the processor's mean colour first when the config says ``image_aspect_ratio: pad`` (as ``llava.mm_utils.
-process_images`` does); a one-frame sample is then treated as an image by the model (no video pooling).
+process_images`` does); a one-frame sample is then treated as an image by the model (no video pooling). Several
+images in one request are read as the frames of one video, in order, with their ``<image>`` placeholders merged
+into one: that is how lmms-eval's vLLM backend sends a video (one ``image_url`` per sampled frame).
 
 The prompt text marks the visual item with ``<image>`` (the chat template's placeholder). vLLM hands the processor
 the prompt already tokenized; the processor decodes it and tokenizes the text around ``<image>`` piece by piece, as
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import cached_property
+
+import re
 
 import numpy as np
 import torch
@@ -77,7 +81,7 @@ class SlowFastProcessingInfo(BaseProcessingInfo):
         return config
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": 1, "video": 1}
+        return {"image": self.max_frames, "video": 1}
 
     def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
         return {"text_kwargs": set(), "images_kwargs": set(), "videos_kwargs": set()}
@@ -132,19 +136,24 @@ class SlowFastProcessingInfo(BaseProcessingInfo):
     def parse_mm_data(self, mm_data, *, validate: bool = True) -> MultiModalDataItems:
         """Parse as vLLM does, then fold images into videos (``uint8`` arrays ``[T, H, W, 3]``)."""
         items = super().parse_mm_data(mm_data, validate=validate)
-        total = sum(len(v) for v in items.values())
-        if total > 1:
-            raise ValueError(
-                f"a Slow-Fast request takes one video or one image; this one has {total} "
-                f"({', '.join(f'{len(v)} {k}' for k, v in items.items())})"
-            )
-        if not total:
+        counts = {k: len(v) for k, v in items.items() if len(v)}
+        if not counts:
             return items
-        (modality, entries), = items.items()
+        if len(counts) > 1 or counts.get("video", 1) > 1:
+            raise ValueError(
+                "a Slow-Fast request takes one video, one image, or the frames of one video as images; this one has "
+                + ", ".join(f"{n} {k}" for k, n in counts.items())
+            )
+        (modality, entries), = ((k, items[k]) for k in counts)
+        placeholders = 1
         if modality == "image":
             if not isinstance(entries, ImageProcessorItems):
                 raise ValueError("image embeddings are not supported: send the image itself")
-            frames = self._image_as_frames(entries.get(0))
+            if len(entries) == 1:
+                frames = self._image_as_frames(entries.get(0))
+            else:  # the frames of one video, as lmms-eval's vLLM backend sends them
+                frames = self._video_frames([entries.get(i) for i in range(len(entries))])
+                placeholders = len(entries)
         elif modality == "video":
             if not isinstance(entries, VideoProcessorItems):
                 raise ValueError("video embeddings are not supported: send the frames or a video_url")
@@ -154,7 +163,7 @@ class SlowFastProcessingInfo(BaseProcessingInfo):
         folded = MultiModalDataItems()
         if modality == "image":
             folded["image"] = ImageProcessorItems([])  # vLLM checks that every modality given is still there
-        folded["video"] = VideoProcessorItems([frames])
+        folded["video"] = VideoProcessorItems([frames], metadata=[{"placeholders": placeholders}])
         return folded
 
     def _image_as_frames(self, image) -> np.ndarray:
@@ -174,8 +183,12 @@ class SlowFastProcessingInfo(BaseProcessingInfo):
         if isinstance(video, torch.Tensor):
             video = video.cpu().numpy()
         if isinstance(video, (list, tuple)):
-            video = np.stack([np.asarray(frame.convert("RGB") if isinstance(frame, Image.Image) else frame)
-                              for frame in video])
+            frames = [np.asarray(frame.convert("RGB") if isinstance(frame, Image.Image) else frame) for frame in video]
+            if len({frame.shape for frame in frames}) > 1:
+                raise ValueError(
+                    f"the frames of one video must share a size; got {sorted({frame.shape for frame in frames})}"
+                )
+            video = np.stack(frames)
         video = np.asarray(video)
         if video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] < 1:
             raise ValueError(f"a video must be RGB frames [frames, height, width, 3]; got shape {tuple(video.shape)}")
@@ -255,12 +268,19 @@ class SlowFastMultiModalProcessor(EncDecMultiModalProcessor[SlowFastProcessingIn
         tokenizer = self.info.get_tokenizer()
         text = prompt if isinstance(prompt, str) else self._detokenize(prompt)
         videos = mm_items.get("video", [])
+        expected = sum(self._placeholders(videos, i) for i in range(len(videos)))
         found = text.count(DEFAULT_IMAGE_TOKEN)
-        if found != len(videos):
+        if found != expected:
             raise ValueError(
-                f"the prompt has {found} {DEFAULT_IMAGE_TOKEN} placeholder(s) but {len(videos)} video/image was given: "
-                f"put one {DEFAULT_IMAGE_TOKEN} where the visual input goes (the chat template does this)"
+                f"the prompt has {found} {DEFAULT_IMAGE_TOKEN} placeholder(s) but {expected} were expected (one per "
+                f"video or image, one per frame sent as images): put {DEFAULT_IMAGE_TOKEN} where the visual input goes "
+                "(the chat template does this)"
             )
+        if expected > len(videos):  # frames sent as images: one placeholder for the video they make
+            token = re.escape(DEFAULT_IMAGE_TOKEN)
+            text, merged = re.subn(f"{token}(?:\\s*{token}){{{expected - 1}}}", DEFAULT_IMAGE_TOKEN, text, count=1)
+            if not merged:
+                raise ValueError(f"the {expected} {DEFAULT_IMAGE_TOKEN} placeholders of one video's frames must be adjacent")
         marker = -1
         ids = tokenizer_image_token(text, tokenizer, image_token_index=marker)
         sentinel = self.info.fast_token_id
@@ -274,6 +294,11 @@ class SlowFastMultiModalProcessor(EncDecMultiModalProcessor[SlowFastProcessingIn
         for token in ids:
             out.extend([sentinel] * next(counts) if token == marker else [token])
         return out
+
+    @staticmethod
+    def _placeholders(videos: VideoProcessorItems, index: int) -> int:
+        metadata = videos.metadata[index] if isinstance(videos.metadata, list) else None
+        return int((metadata or {}).get("placeholders", 1))
 
     def _detokenize(self, ids: list[int]) -> str:
         tokenizer = self.info.get_tokenizer()

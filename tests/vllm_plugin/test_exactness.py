@@ -164,3 +164,16 @@ def json_tokens(line: str) -> list[int]:
     import json
 
     return json.loads(line.split(" ", 1)[1])
+
+
+def test_frames_sent_as_images_read_as_the_video(released_llm, reference, media):
+    """lmms-eval's vLLM backend sends a video as one image per frame: the same tokens as the video itself."""
+    import numpy as np
+    from PIL import Image
+
+    request = _request("video8", media)
+    frames = [Image.fromarray(frame) for frame in np.load(request["video"])]
+    prompt = request["prompt"].replace("<image>\n", "<image>\n" * len(frames))
+    out = released_llm.generate({"prompt": prompt, "multi_modal_data": {"image": frames}},
+                                greedy(request["max_tokens"]), use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == reference["released"]["video8"]["tokens"]
