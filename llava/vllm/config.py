@@ -38,4 +38,4 @@ class SlowFastVllmConfig(LlavaQwenSlowFastConfig):
         return self.trained_video_frames or DEFAULT_VIDEO_FRAMES
 
 
-__all__ = ["SlowFastVllmConfig", "DEFAULT_VIDEO_FRAMES"]
+__all__ = ["DEFAULT_VIDEO_FRAMES", "SlowFastVllmConfig"]

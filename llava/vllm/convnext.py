@@ -38,7 +38,7 @@ class TowerShape:
     output_stride: int = 32
 
     @classmethod
-    def from_config(cls, config) -> "TowerShape":
+    def from_config(cls, config) -> TowerShape:
         overrides = dict(getattr(config, "mm_vision_tower_overrides", None) or {})
         default = cls()
         return cls(

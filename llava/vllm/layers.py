@@ -22,7 +22,10 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.models.qwen2 import Qwen2Attention, Qwen2MLP
 from vllm.v1.attention.backend import AttentionType
 
-from .model_parts.configuration_llava_qwen_slow_fast import cross_attn_query_mode, parse_gating_type
+from .model_parts.configuration_llava_qwen_slow_fast import (
+    cross_attn_query_mode,
+    parse_gating_type,
+)
 
 
 def _attention_kwargs(config, cache_config, quant_config, prefix: str) -> dict:

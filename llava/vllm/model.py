@@ -18,9 +18,15 @@ from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.interfaces import (
+    MultiModalEmbeddings,
+    SupportsMultiModal,
+)
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
@@ -28,7 +34,11 @@ from ..constants import DEFAULT_IMAGE_TOKEN
 from .convnext import ConvNeXtTower, TowerShape
 from .layers import SlowFastDecoderLayer
 from .model_parts.configuration_llava_qwen_slow_fast import cross_attn_query_mode
-from .model_parts.slow_fast import SlowFastParams, SlowTokenPositionEncoding, split_slow_fast
+from .model_parts.slow_fast import (
+    SlowFastParams,
+    SlowTokenPositionEncoding,
+    split_slow_fast,
+)
 from .processing import (
     FRAMES_KEY,
     PIXELS_KEY,

@@ -93,6 +93,39 @@ def media(workdir) -> dict[str, str]:
     return paths
 
 
+# name -> request (media keys are replaced by .npy paths); max_tokens differ so that requests leave at other steps.
+REQUESTS = {
+    "video8": {"question": "What color is the square?", "video": "video8", "max_tokens": 12},
+    "video4": {"question": "How many shapes are there?", "video": "video4", "max_tokens": 8},
+    "video8b": {"question": "Which direction does it move?", "video": "video8b", "max_tokens": 3},
+    "image": {"question": "Describe the picture.", "image": "image", "max_tokens": 10},
+    "text": {"question": "Say something.", "max_tokens": 6},
+}
+
+
+def request_spec(name: str, media: dict[str, str]) -> dict:
+    """The reference request ``name`` of :data:`REQUESTS`, with its media paths."""
+    spec = REQUESTS[name]
+    request = {"prompt": chat_prompt(spec["question"], visual="text" != name), "max_tokens": spec["max_tokens"]}
+    for kind in ("video", "image"):
+        if kind in spec:
+            request[kind] = media[spec[kind]]
+    return request
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoints, media, workdir) -> dict:
+    """The transformers model's answers: every request on every variant, plus the control (no cross-attention)."""
+    names = list(REQUESTS)
+    jobs = [{"checkpoint": checkpoints[v], "requests": [request_spec(n, media) for n in names]} for v in VARIANTS]
+    jobs.append({"checkpoint": checkpoints["released"], "requests": [request_spec(n, media) for n in names],
+                 "cross_attention": False})
+    answers = run_reference({"jobs": jobs}, workdir / "reference")
+    table = {v: dict(zip(names, a["results"])) for v, a in zip(VARIANTS, answers)}
+    table["no_cross_attention"] = dict(zip(names, answers[-1]["results"]))
+    return table
+
+
 def make_llm(checkpoint: str, **kwargs):
     from vllm import LLM
 

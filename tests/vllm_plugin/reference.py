@@ -130,9 +130,11 @@ def run_job(spec: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     """``SPEC.json`` holds one job or ``{"jobs": [...]}`` (one process for several: imports are slow)."""
-    spec = json.load(open(argv[0]))
+    with open(argv[0]) as f:
+        spec = json.load(f)
     result = [run_job(job) for job in spec["jobs"]] if "jobs" in spec else run_job(spec)
-    json.dump(result, open(argv[1], "w"))
+    with open(argv[1], "w") as f:
+        json.dump(result, f)
     return 0
 
 
