@@ -164,9 +164,13 @@ class SlowFastProcessingInfo(BaseProcessingInfo):
         else:
             raise ValueError(f"modality {modality!r} is not supported: send a video or an image")
         folded = MultiModalDataItems()
-        if modality == "image":
-            folded["image"] = ImageProcessorItems([])  # vLLM checks that every modality given is still there
         folded["video"] = VideoProcessorItems([frames], metadata=[{"placeholders": placeholders}])
+        if modality == "image" and isinstance(mm_data, dict):
+            # vLLM next checks the request's data and ids modality by modality against these items: the request now
+            # holds one video (the folded frames), and the chat path's ids for the images are left without data,
+            # which vLLM accepts. The dict is the request's own (vLLM builds it for chat requests).
+            mm_data.pop("image", None)
+            mm_data["video"] = frames
         return folded
 
     def _image_as_frames(self, image) -> np.ndarray:

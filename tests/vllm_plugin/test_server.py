@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, run_reference
+from .conftest import REPO, chat_prompt, run_reference
 
 TINY = REPO / "assets" / "tiny-slowfast"
 DEMO_VIDEO = REPO / "assets" / "demo.mp4"
@@ -128,3 +128,26 @@ def test_server_refuses_bad_media_and_keeps_serving(client, cli_answers, workdir
                                        messages=[{"role": "user", "content": content + [{"type": "text", "text": "?"}]}])
     question = next(iter(cli_answers))
     assert _ask(client, question, DEMO_VIDEO.as_uri()) == cli_answers[question]
+
+
+
+def test_server_answers_an_image_url_as_the_transformers_model(client, workdir):
+    """One image through the chat API (vLLM passes an id per image along with it): the transformers model's tokens."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    question, frame = "What is in the picture?", np.random.default_rng(1).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    np.save(workdir / "server-image.npy", frame)
+    Image.fromarray(frame).save(workdir / "server-image.png")  # lossless: the same pixels
+    spec = {"checkpoint": str(TINY), "requests": [{"prompt": chat_prompt(question), "image": str(workdir / "server-image.npy"),
+                                                   "max_tokens": 8}]}
+    (expected,) = run_reference(spec, workdir / "server-image")["results"]
+    data = base64.b64encode((workdir / "server-image.png").read_bytes()).decode()
+    reply = client.chat.completions.create(
+        model=MODEL_NAME, temperature=0, max_tokens=8, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+                                               {"type": "text", "text": question}]}],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    assert reply.choices[0].message.content == tokenizer.decode(expected["tokens"], skip_special_tokens=True)
