@@ -61,6 +61,7 @@ class VllmServer:
         elif shutil.which("prlimit"):
             command = ["prlimit", f"--as={MEMORY_LIMIT_BYTES}", *command]
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+        log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / "vllm-server.log"
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
