@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import serve_vllm
 from .common import (
     LM_SHAPES,
     VISION_SHAPES,
@@ -176,6 +177,9 @@ def run(ctx: RunContext) -> BenchResult:
         row["ttft_ms_mean_median"] = median([r["ttft_ms_mean"] for r in results])
         rows.append(row)
     sequential, concurrent_row = rows
+    # vLLM beside it: same checkpoint, same requests, same modes (benchmarks/serve_vllm.py)
+    vllm_rows, vllm_notes = serve_vllm.measure(ctx, model, tokenizer, requests, max_tokens, _request)
+    rows += vllm_rows
     best_seq = min(runs["sequential"], key=lambda r: r["wall_s"])
     best_con = min(runs["concurrent"], key=lambda r: r["wall_s"])
     same = sum(a == b for a, b in zip(best_seq["texts"], best_con["texts"]))
@@ -190,6 +194,10 @@ def run(ctx: RunContext) -> BenchResult:
         "concurrent_vs_sequential_ttft": ttft_ratio,
         "identical_answers": float(same),
     }
+    for row in vllm_rows:
+        key = row["mode"].replace(" ", "_")
+        summary[f"{key}_requests_per_s"] = row["requests_per_s"]
+        summary[f"{key}_ttft_ms"] = row["ttft_ms_mean"]
     checks = [
         Check(
             target=f"{count} concurrent requests served at least {TARGET:g}x the requests/s of one at a time",
@@ -214,6 +222,7 @@ def run(ctx: RunContext) -> BenchResult:
         "a difference comes from floating-point sums in another order, not from the prompts).",
         "Concurrent requests arriving within the server's 5 ms batch window share a batch; later ones join the "
         "next batch (the table gives how many batches the run took).",
+        *vllm_notes,
     ]
     return BenchResult(
         name=NAME,

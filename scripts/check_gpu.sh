@@ -9,7 +9,9 @@
 #    a PyTorch stand-in of the kernel);
 # 3. the CLI on the tiny checkpoint on CUDA (README's first command), again with --use-flash-attn when installed;
 # 4. `python -m benchmarks --released-shape --device cuda` (by default the benchmarks that build the released
-#    model: prefill, decode, vision; video decoding and the training step do not depend on the GPU's shape).
+#    model: prefill, decode, vision; video decoding and the training step do not depend on the GPU's shape);
+# 5. vLLM, when an environment with its CUDA build exists (VLLM_PYTHON): the plugin's exactness tests on CUDA and
+#    the serve benchmark with vLLM beside the project's server (skipped, saying why, otherwise).
 #
 # Expected to take a few minutes on one GPU (not measured yet: no GPU was at hand when it was written); each step
 # has a time limit, 9.5 minutes for all of them together. Stops at the first failure (exit 1) naming the step and
@@ -212,6 +214,30 @@ run_step "benchmarks --released-shape" "$BENCH_TIMEOUT" "$OUT_DIR/benchmarks.log
 note "python -m benchmarks ${BENCH_ARGS[*]}: ${STEP_SECONDS} s; tables above, from $OUT_DIR/benchmarks/results.md"
 say ""
 tee -a "$LOG" <"$OUT_DIR/benchmarks/results.md"
+
+# ---- 5. vLLM (the llava.vllm plugin) ------------------------------------------------- BEGIN vLLM block (issue 33)
+# Needs vLLM's CUDA build in its own environment, VLLM_PYTHON [.venv-vllm-cuda/bin/python], made with
+#   python3 -m venv .venv-vllm-cuda && .venv-vllm-cuda/bin/pip install vllm av pytest requests openai \
+#     && .venv-vllm-cuda/bin/pip install --no-deps -e .
+# The exactness tests compare vLLM on the GPU (float32) with the transformers model on the CPU; the serve benchmark
+# runs the project's server and vLLM's on the GPU in one run. VLLM_TEST_TIMEOUT [420], VLLM_BENCH_TIMEOUT [420].
+VLLM_PY="${VLLM_PYTHON:-.venv-vllm-cuda/bin/python}"
+if [[ -x "$VLLM_PY" ]]; then
+    run_step "vLLM exactness tests (CUDA)" "${VLLM_TEST_TIMEOUT:-420}" "$OUT_DIR/pytest_vllm.log" \
+        env SLOWFAST_REFERENCE_PYTHON="$PY" "$VLLM_PY" -m pytest -o addopts=-ra --confcutdir=tests/vllm_plugin \
+        tests/vllm_plugin -q
+    RESULT="$(pytest_result "$OUT_DIR/pytest_vllm.log")"
+    ((RC == 0)) || fail "vLLM exactness tests" "${RESULT:-exit $RC}; see $OUT_DIR/pytest_vllm.log"
+    note "pytest tests/vllm_plugin (vLLM on CUDA): ${RESULT} (${STEP_SECONDS} s)"
+    run_step "serve benchmark, project server and vLLM" "${VLLM_BENCH_TIMEOUT:-420}" "$OUT_DIR/bench_vllm.log" \
+        env SLOWFAST_VLLM_PYTHON="$VLLM_PY" "$PY" -m benchmarks --only serve --device cuda --out "$OUT_DIR/bench_vllm"
+    ((RC == 0)) || fail "serve benchmark with vLLM" "exit $RC; see $OUT_DIR/bench_vllm.log"
+    note "python -m benchmarks --only serve --device cuda (with vLLM): ${STEP_SECONDS} s; $OUT_DIR/bench_vllm/results.md"
+    tee -a "$LOG" <"$OUT_DIR/bench_vllm/results.md"
+else
+    skip "vLLM: no environment with vLLM's CUDA build at $VLLM_PY (VLLM_PYTHON; see the commands in this step)"
+fi
+# ---- END vLLM block ---------------------------------------------------------------------------------------------
 
 print_summary
 exit 0
