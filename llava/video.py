@@ -461,11 +461,9 @@ def _pyav_packet_index(container: Any, stream: Any, frame_rate: float | None) ->
         return None
     duration = 0.0
     if frames:
-        first, last = frames[0][0], frames[-1][0]
-        if lengths[last] > 0:
-            duration = float((last - first + lengths[last]) * time_base)
-        else:
-            duration = float((last - first) * time_base) + (1.0 / frame_rate if frame_rate else 0.0)
+        frame_pts = [p for p, _ in frames]
+        duration = float((frame_pts[-1] - frame_pts[0]) * time_base)
+        duration += _last_frame_seconds(frame_pts, lengths, time_base, frame_rate)
     return _PacketIndex(
         packet_pts=pts,
         packet_dts=dts,
@@ -475,6 +473,26 @@ def _pyav_packet_index(container: Any, stream: Any, frame_rate: float | None) ->
         time_base=time_base,
         duration=duration,
     )
+
+
+def _last_frame_seconds(
+    frame_pts: list[int], lengths: dict[int, int], time_base: Fraction, frame_rate: float | None
+) -> float:
+    """How long the last frame is shown, in seconds: the video's duration is the last frame's presentation time
+    plus this. ``frame_pts`` ascending, ``lengths`` each frame's packet duration by presentation time.
+
+    The last packet's duration counts only where the packet durations are presentation durations, i.e. every other
+    frame's equals the gap to the next frame (GIF delays; a constant-rate stream). Otherwise the last frame lasts
+    one frame interval at ``frame_rate``, as decord counts it. Which durations FFmpeg reports differs by release:
+    PyAV 12-15 (FFmpeg 6-7) give MP4 packets none, PyAV 16-18 (FFmpeg 8) the steps between decode times, which
+    with B-frames or a variable frame rate are not how long each frame is shown. Reading them as such made a
+    variable-frame-rate MP4 last 1.70 s with PyAV 18 where PyAV 15 and decord say 1.65 s.
+    """
+    durations = [lengths[pts] for pts in frame_pts]
+    gaps = [after - before for before, after in zip(frame_pts, frame_pts[1:])]
+    if durations[-1] > 0 and durations[:-1] == gaps:
+        return float(durations[-1] * time_base)
+    return 1.0 / frame_rate if frame_rate else 0.0
 
 
 def _quarter_turns(frame: Any) -> int:
