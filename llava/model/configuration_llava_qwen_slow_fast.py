@@ -82,15 +82,6 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
     """
 
     model_type = "llava_qwen_slow_fast"
-    # Qwen2's tensor-parallel plan plus the hybrid layers' own projections: the key/value projection of the slow
-    # tokens is split by key/value head like k_proj/v_proj (its output is laid out per head), and the gate reads
-    # the attention output before o_proj, which is split by head, so its partial sums are reduced like o_proj's.
-    base_model_tp_plan = {
-        **Qwen2Config.base_model_tp_plan,
-        "layers.*.self_attn.cross_attn_kv_proj": "colwise",
-        "layers.*.self_attn.cross_attn_q_proj": "colwise",
-        "layers.*.self_attn.cross_attn_gate_proj.*": "rowwise",
-    }
 
     # vision tower and projector
     mm_vision_tower: str | None = "convnext-576"
@@ -139,6 +130,24 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
         """Frames per video the checkpoint was trained with: ``video_frames``, else the reference trainer's
         ``mm_training_video_frames``; None when the config records neither."""
         return self.video_frames or self.mm_training_video_frames
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Qwen2's tensor-parallel plan plus the projections that this configuration's hybrid layers have (none
+        without hybrid layers; ``cross_attn_q_proj`` only with ``cross_attn_query_source="own"``), so that every
+        entry names modules that exist (transformers reads this where Qwen2 has a class attribute).
+
+        The slow tokens' key/value projection is split by key/value head like ``k_proj``/``v_proj`` (its output is
+        laid out per head), an own query by head like ``q_proj``; the gate reads the attention output before
+        ``o_proj``, which is split by head, so its partial sums are reduced like ``o_proj``'s.
+        """
+        plan = dict(Qwen2Config.base_model_tp_plan)
+        if self.hybrid_layer_indices:
+            plan["layers.*.self_attn.cross_attn_kv_proj"] = "colwise"
+            if self.cross_attn_query_source == "own":
+                plan["layers.*.self_attn.cross_attn_q_proj"] = "colwise"
+            plan["layers.*.self_attn.cross_attn_gate_proj.*"] = "rowwise"
+        return plan
 
     @property
     def hybrid_layer_indices(self) -> list[int]:
