@@ -475,24 +475,15 @@ def _pyav_packet_index(container: Any, stream: Any, frame_rate: float | None) ->
     )
 
 
-def _last_frame_seconds(
-    frame_pts: list[int], lengths: dict[int, int], time_base: Fraction, frame_rate: float | None
-) -> float:
-    """How long the last frame is shown, in seconds: the video's duration is the last frame's presentation time
-    plus this. ``frame_pts`` ascending, ``lengths`` each frame's packet duration by presentation time.
-
-    The last packet's duration counts only where the packet durations are presentation durations, i.e. every other
-    frame's equals the gap to the next frame (GIF delays; a constant-rate stream). Otherwise the last frame lasts
-    one frame interval at ``frame_rate``, as decord counts it. Which durations FFmpeg reports differs by release:
-    PyAV 12-15 (FFmpeg 6-7) give MP4 packets none, PyAV 16-18 (FFmpeg 8) the steps between decode times, which
-    with B-frames or a variable frame rate are not how long each frame is shown. Reading them as such made a
-    variable-frame-rate MP4 last 1.70 s with PyAV 18 where PyAV 15 and decord say 1.65 s.
-    """
+def _last_frame_seconds(frame_pts: list[int], lengths: dict[int, int], time_base: Fraction, rate: float | None) -> float:
+    """How long the last frame (``frame_pts`` ascending, ``lengths`` packet durations by pts) is shown, in seconds:
+    its packet's duration where every other frame's equals the gap to the next (GIF delays), else one interval at
+    ``rate``, as decord counts. FFmpeg 8 (PyAV 16-18) gives MP4 packets decode-time steps as durations, FFmpeg 6-7
+    (PyAV 14-15) none: trusting them gave a VFR MP4 1.70 s on PyAV 18, 1.65 s on PyAV 15 and decord."""
     durations = [lengths[pts] for pts in frame_pts]
-    gaps = [after - before for before, after in zip(frame_pts, frame_pts[1:])]
-    if durations[-1] > 0 and durations[:-1] == gaps:
+    if durations[-1] > 0 and durations[:-1] == [b - a for a, b in zip(frame_pts, frame_pts[1:])]:
         return float(durations[-1] * time_base)
-    return 1.0 / frame_rate if frame_rate else 0.0
+    return 1.0 / rate if rate else 0.0
 
 
 def _quarter_turns(frame: Any) -> int:
