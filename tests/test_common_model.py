@@ -127,3 +127,16 @@ def test_training_reaches_every_trainable_parameter(overrides):
         # without a vision tower there are no slow tokens for the hybrid layers' cross-attention to read
         missing = [name for name in missing if ".self_attn.cross_attn_" not in name]
     assert not missing, missing
+
+
+def test_plan_entries_set_on_the_configuration_are_kept_and_the_hybrid_ones_follow_it():
+    config = tiny_config()
+    # what transformers 5.16-5.19 do for tied embeddings, in the configuration's __post_init__
+    config.base_model_tp_plan = {**config.base_model_tp_plan, "embed_tokens": "embedding_rowwise"}
+    config.cross_attn_query_source = "own"
+    plan = config.base_model_tp_plan
+    assert plan["embed_tokens"] == "embedding_rowwise"
+    assert plan["layers.*.self_attn.cross_attn_q_proj"] == "colwise"
+    config.cross_attn_max_layer_depth = 0  # no hybrid layer left
+    assert not [key for key in config.base_model_tp_plan if "cross_attn" in key]
+    assert "base_model_tp_plan" not in config.to_dict()
