@@ -1,7 +1,7 @@
 """vLLM beside the project's server in ``python -m benchmarks --only serve``: the same checkpoint, the same streamed
 requests and the same modes (one at a time, then all at once), in the same run.
 
-vLLM runs in its own environment (``.venv-vllm``, built by ``.ci/vllm.sh``; vLLM's CUDA build on a GPU machine),
+vLLM runs in its own environment (``.venv-vllm``, built by ``.ci/lane_vllm.sh``; vLLM's CUDA build on a GPU machine),
 named by ``SLOWFAST_VLLM_PYTHON`` or found at ``.venv-vllm/bin/python`` (at ``--smoke``, the test suite's scale,
 only when ``SLOWFAST_VLLM_PYTHON`` is set). Its OpenAI server starts in a child process on
 a free loopback port with the ``slowfast`` plugin, the checkpoint's trained frame count and greedy requests of

@@ -4,7 +4,7 @@
 #   scripts/check_gpu.sh [OUT_DIR]
 #
 # 1. the machine: nvidia-smi, python/torch/CUDA/cuDNN/transformers/flash-attn versions;
-# 2. the tests: `pytest -m cuda tests/` (tests/test_cuda.py: the reference fixture on CUDA in fp32/bf16/fp16, and
+# 2. the tests: `pytest -m cuda tests/test_cuda.py` ( the reference fixture on CUDA in fp32/bf16/fp16, and
 #    flash-attn against SDPA when it is installed) and tests/test_flash_varlen.py (the flash-attn packing against
 #    a PyTorch stand-in of the kernel);
 # 3. the CLI on the tiny checkpoint on CUDA (README's first command), again with --use-flash-attn when installed;
@@ -13,14 +13,24 @@
 # 5. vLLM, when an environment with its CUDA build exists (VLLM_PYTHON): the plugin's exactness tests on CUDA and
 #    the serve benchmark with vLLM beside the project's server (skipped, saying why, otherwise).
 #
-# Expected to take a few minutes on one GPU (not measured yet: no GPU was at hand when it was written); each step
-# has a time limit, 9.5 minutes for all of them together. Stops at the first failure (exit 1) naming the step and
-# its log; exit 2 when torch sees no CUDA GPU (nothing is checked). Everything is logged to OUT_DIR/check_gpu.log
-# (default /tmp/check_gpu-<date>) and the run ends with a summary to paste into a note.
+# It runs from the checkout as it is, without installing the project (the checkout goes on PYTHONPATH), on a
+# machine that has Python with torch, transformers (>= 5.4), timm and accelerate, such as the lent GPU machine's
+# image (Python 3.12, torch 2.11.0, transformers 5.17.0; no PyAV, no pytest, no network). What it lacks of PyAV and
+# pytest is installed offline from .gpu-wheels/ (written here by scripts/deps/gpu_wheels.sh, carried with the tree)
+# into OUT_DIR/site, leaving the machine's environment as it is. On the device tool, one call:
 #
-# Environment [default]: PYTHON [.venv/bin/python if present, else python3]; BENCH_ONLY [prefill,decode,vision;
-# "all" for the whole suite]; time limits in seconds: TEST_TIMEOUT [150] for the cuda tests, FLASH_TEST_TIMEOUT
-# [60], CLI_TIMEOUT [60] per CLI run, BENCH_TIMEOUT [240].
+#   run(command="bash scripts/check_gpu.sh $OUT/check_gpu", carry=[".gpu-wheels"], timeout_s=600)
+#
+# Expected to take a few minutes on one GPU (not measured yet: no GPU was at hand when it was written); each step
+# has a time limit, under 9.5 minutes for all of them together. Stops at the first failure (exit 1) naming the step
+# and its log; exit 2 when torch sees no CUDA GPU (nothing is checked). Everything is logged to
+# OUT_DIR/check_gpu.log (default /tmp/check_gpu-<date>) and the run ends with a summary to paste into a note.
+#
+# Environment [default]: PYTHON [.venv/bin/python if present, else python3]; GPU_WHEELS [.gpu-wheels]; BENCH_ONLY
+# [prefill,decode,vision; "all" for the whole suite]; time limits in seconds: TEST_TIMEOUT [150] for the cuda tests,
+# FLASH_TEST_TIMEOUT [60], CLI_TIMEOUT [60] per CLI run, BENCH_TIMEOUT [200]. CHECK_DEVICE=cpu runs every step on
+# the CPU instead (the cuda tests then skip, the benchmarks run --smoke): tests/test_check_gpu.py does, so that the
+# script's own logic is tested without a GPU.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,7 +48,11 @@ BENCH_ONLY="${BENCH_ONLY:-prefill,decode,vision}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-150}"
 FLASH_TEST_TIMEOUT="${FLASH_TEST_TIMEOUT:-60}"
 CLI_TIMEOUT="${CLI_TIMEOUT:-60}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-200}"
+DEVICE="${CHECK_DEVICE:-cuda}"
+[[ "$DEVICE" == cuda || "$DEVICE" == cpu ]] || { echo "FAIL: CHECK_DEVICE must be cuda or cpu, not '$DEVICE'" >&2; exit 1; }
+GPU_WHEELS="${GPU_WHEELS:-$ROOT/.gpu-wheels}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's llava, tests and benchmarks, uninstalled
 QUESTION="What color is the circle?"
 
 SUMMARY=()   # lines of the final summary
@@ -148,25 +162,38 @@ EOF
 ENV_RC=$?
 printf '%s\n' "$ENV_REPORT" | grep -v '^FLASH_ATTN=' | tee -a "$LOG"
 while IFS= read -r line; do [[ "$line" != FLASH_ATTN=* ]] && note "$line"; done <<<"$ENV_REPORT"
-if ((ENV_RC == 3)); then
+if ((ENV_RC == 3)) && [[ "$DEVICE" == cuda ]]; then
     say ""
     say "NO GPU: torch sees no CUDA device (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}); nothing was" \
         "checked. Run this on a machine with an NVIDIA GPU and a CUDA build of torch."
     SKIPPED+=("everything: no CUDA device")
     print_summary
     exit 2
-elif ((ENV_RC != 0)); then
+elif ((ENV_RC != 0 && ENV_RC != 3)); then
     fail environment "$PY cannot report the environment (exit $ENV_RC): $ENV_REPORT"
 fi
 FLASH="$(sed -n 's/^FLASH_ATTN=//p' <<<"$ENV_REPORT")"
+[[ "$DEVICE" == cuda ]] || FLASH=no
+[[ "$DEVICE" == cuda ]] || note "CHECK_DEVICE=cpu: every step on the CPU (the script's own check; nothing CUDA is checked)"
+
+# ---- 1b. what the machine lacks: PyAV (the CLI's video) and pytest, offline from the wheel folder ----------------
+say ""
+say "---- prerequisites (pytest, av) ----"
+SITE="$("$ROOT/scripts/deps/gpu_prereqs.sh" "$PY" "$GPU_WHEELS" "$OUT_DIR/site" pytest av 2>>"$LOG")" \
+    || fail prerequisites "$(tail -n 1 "$LOG")"
+if [[ -n "$SITE" ]]; then
+    export PYTHONPATH="$SITE:$PYTHONPATH"
+    note "installed offline from $GPU_WHEELS into $SITE: $(cd "$SITE" && ls -d *.dist-info | sed 's/.dist-info//' | paste -sd' ')"
+fi
+note "$("$PY" -c 'import av, pytest; print(f"PyAV {av.__version__}, pytest {pytest.__version__}")' 2>&1)"
 
 # ---- 2. the tests ----------------------------------------------------------------------------------------------
 run_step "tests marked cuda" "$TEST_TIMEOUT" "$OUT_DIR/pytest_cuda.log" \
-    "$PY" -m pytest -q -x -rs -p no:cacheprovider -m cuda tests/
+    "$PY" -m pytest -q -x -rs -p no:cacheprovider -m cuda tests/test_cuda.py
 RESULT="$(pytest_result "$OUT_DIR/pytest_cuda.log")"
 ((RC == 0)) || fail "tests marked cuda" "${RESULT:-pytest exit $RC}; see $OUT_DIR/pytest_cuda.log"
 say "${RESULT}"
-note "pytest -m cuda tests/: ${RESULT} (${STEP_SECONDS} s)"
+note "pytest -m cuda tests/test_cuda.py: ${RESULT} (${STEP_SECONDS} s)"
 while IFS= read -r line; do [[ -n "$line" ]] && skip "$line"; done < <(pytest_skips "$OUT_DIR/pytest_cuda.log")
 
 run_step "flash-attn packing tests (CPU stand-in)" "$FLASH_TEST_TIMEOUT" "$OUT_DIR/pytest_flash.log" \
@@ -183,12 +210,12 @@ cli_run() {  # cli_run LABEL EXTRA_ARGS...
     local label="$1"; shift
     run_step "cli ($label)" "$CLI_TIMEOUT" "$OUT_DIR/cli_$label.log" \
         "$PY" -m llava.serve.cli --model-path assets/tiny-slowfast --video assets/demo.mp4 \
-        --question "$QUESTION" --device cuda --verbose "$@"
+        --question "$QUESTION" --device "$DEVICE" --verbose "$@"
     local logfile="$OUT_DIR/cli_$label.log"
     ((RC == 0)) || fail "cli ($label)" "exit $RC; see $logfile"
     local loading
     loading="$(grep -m1 '^model loading:' "$logfile")"
-    [[ "$loading" == *"(cuda"* ]] || fail "cli ($label)" "the model did not load on CUDA: '${loading:-no timing line}'"
+    [[ "$loading" == *"($DEVICE"* ]] || fail "cli ($label)" "the model did not load on $DEVICE: '${loading:-no timing line}'"
     local timings
     timings="$(grep -E '^(model loading|video decoding|vision encoding|prefill|decode|tokens):' "$logfile")"
     note "cli ($label), ${STEP_SECONDS} s in all:"
@@ -203,13 +230,14 @@ fi
 
 # ---- 4. the benchmarks at the released shape ---------------------------------------------------------------------
 BENCH_ARGS=(--released-shape --device cuda --out "$OUT_DIR/benchmarks")
+[[ "$DEVICE" == cuda ]] || BENCH_ARGS=(--smoke --device cpu --out "$OUT_DIR/benchmarks")
 if [[ "$BENCH_ONLY" != all ]]; then
     BENCH_ARGS+=(--only "$BENCH_ONLY")
     OTHERS="$("$PY" -m benchmarks --list | awk '{print $1}' \
         | grep -vxF -f <(tr ',' '\n' <<<"$BENCH_ONLY") | paste -sd, -)"
     [[ -n "$OTHERS" ]] && skip "benchmarks $OTHERS (BENCH_ONLY=$BENCH_ONLY; BENCH_ONLY=all runs every one)"
 fi
-run_step "benchmarks --released-shape" "$BENCH_TIMEOUT" "$OUT_DIR/benchmarks.log" "$PY" -m benchmarks "${BENCH_ARGS[@]}"
+run_step "benchmarks ${BENCH_ARGS[0]}" "$BENCH_TIMEOUT" "$OUT_DIR/benchmarks.log" "$PY" -m benchmarks "${BENCH_ARGS[@]}"
 ((RC == 0)) || fail benchmarks "exit $RC; see $OUT_DIR/benchmarks.log"
 note "python -m benchmarks ${BENCH_ARGS[*]}: ${STEP_SECONDS} s; tables above, from $OUT_DIR/benchmarks/results.md"
 say ""

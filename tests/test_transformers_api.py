@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from llava.model import LlavaQwenSlowFastModel
-from llava.model.cache import SlowFastStaticCache
+from llava.model.cache import SlowFastCache, SlowFastStaticCache
+from llava.model.compat import CACHE_KWARG, output_cache
 
 from conftest import prompt_ids, random_video, tiny_config, tiny_model
 
@@ -90,6 +91,47 @@ def test_return_dict_false_returns_a_tuple():
     assert isinstance(out, tuple)
     torch.testing.assert_close(out[0], as_dict.loss)
     torch.testing.assert_close(out[1], as_dict.logits)
+
+
+# ------------------------------------------------------------------------------------------ the cache's name
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (llava.model.compat).
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_cache_passed_under_either_name_is_the_one_generate_fills(name):
+    model = tiny_model()
+    ids, video = prompt_ids(4, 6), random_video(8)
+    cache = SlowFastCache(config=model.config)
+    tokens = model.generate(ids, images=[video], max_new_tokens=4, do_sample=False, **{name: cache})
+    assert tokens.tolist() == greedy(model, ids, [video], max_new_tokens=4)
+    prompt = model.prepare_multimodal_inputs(ids, images=[video]).inputs_embeds.shape[1]
+    assert cache.get_seq_length() == prompt + 3  # the last new token is never fed back
+    assert sorted(cache.slow_key_values) == [layer.self_attn.layer_idx for layer in model.hybrid_layers]
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_forward_returns_the_cache_it_was_given_under_this_releases_field(name):
+    model = tiny_model()
+    cache = SlowFastCache(config=model.config)
+    with torch.no_grad():
+        out = model(prompt_ids(4, 6), images=[random_video(8)], use_cache=True, **{name: cache})
+    assert output_cache(out) is cache and getattr(out, CACHE_KWARG) is cache
+    assert cache.get_seq_length() == out.logits.shape[1]
+
+
+def test_two_different_caches_are_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="pass the cache once"):
+        model(torch.tensor([[5, 6, 7]]), cache=SlowFastCache(config=model.config),
+              past_key_values=SlowFastCache(config=model.config))  # fmt: skip
+
+
+def test_generation_raises_no_deprecation_warning_of_transformers(recwarn):
+    model = tiny_model()
+    ids, video = prompt_ids(4, 6), random_video(8)
+    greedy(model, ids, [video], max_new_tokens=3)
+    greedy(model, ids, [video], max_new_tokens=3, cache_implementation="static")
+    greedy(model, ids, [video], max_new_tokens=3, num_beams=2)
+    deprecations = [str(w.message) for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not [m for m in deprecations if "cache" in m or "past_key_values" in m], deprecations
 
 
 # ------------------------------------------------------------------------------------------ static cache

@@ -447,6 +447,49 @@ def test_vfr_frame_times_and_duration_come_from_presentation_times(tmp_path: Pat
     assert clips["pyav"].duration == pytest.approx(clips["decord"].duration, abs=1e-6)
 
 
+class _FakePacket:
+    def __init__(self, pts: int, dts: int, duration: int, keyframe: bool = False) -> None:
+        self.pts, self.dts, self.duration, self.size = pts, dts, duration, 100
+        self.is_keyframe, self.is_discard = keyframe, False
+
+
+class _FakeDemuxer:
+    """Stands in for an opened container whose video stream yields ``packets`` (in decode order)."""
+
+    def __init__(self, packets: list[_FakePacket]) -> None:
+        self.packets = packets
+
+    def demux(self, stream):
+        return iter(self.packets)
+
+
+# The packets of the VFR MP4 above (time base 1/16000, B-frames: decode order differs from presentation order) as
+# two FFmpeg generations report them: none with a duration (PyAV 12-15), or the steps between decode times (16-18).
+VFR_MP4_PACKETS = [(0, -2400), (7200, -800), (2400, 0), (1600, 1600), (6400, 2400), (18128, 6400), (16000, 7200),
+                   (8000, 8000), (17600, 16000), (25600, 17600)]  # fmt: skip
+VFR_MP4_DECODE_STEPS = [1600, 800, 1600, 800, 4000, 800, 800, 8000, 1600, 1600]
+
+
+@pytest.mark.parametrize("pyav", ["15", "18"])
+def test_vfr_mp4_duration_is_the_same_whichever_packet_durations_ffmpeg_reports(pyav: str) -> None:
+    durations = [0] * 10 if pyav == "15" else VFR_MP4_DECODE_STEPS
+    packets = [_FakePacket(p, d, n, keyframe=i == 0) for i, ((p, d), n) in enumerate(zip(VFR_MP4_PACKETS, durations))]
+    stream = type("Stream", (), {"time_base": Fraction(1, 16000)})()
+    index = video_mod._pyav_packet_index(_FakeDemuxer(packets), stream, frame_rate=20.0)
+    assert index.frame_pts == sorted(p for p, _ in VFR_MP4_PACKETS)
+    # the last frame is shown at 1.6 s and lasts one interval at the stream's 20 fps, as decord counts it
+    assert index.duration == pytest.approx(1.6 + 1 / 20)
+
+
+def test_presentation_packet_durations_give_the_last_frames_length() -> None:
+    # a GIF's packets: each lasts until the next is shown, the last one 0.5 s (time base 1/100)
+    starts, delays = [0, 10, 30, 60, 100], [10, 20, 30, 40, 50]
+    packets = [_FakePacket(p, p, n, keyframe=i == 0) for i, (p, n) in enumerate(zip(starts, delays))]
+    stream = type("Stream", (), {"time_base": Fraction(1, 100)})()
+    index = video_mod._pyav_packet_index(_FakeDemuxer(packets), stream, frame_rate=10.0)
+    assert index.duration == pytest.approx(1.5)
+
+
 def _write_gop_video(path: Path, frames: int, gop: int, **options: str) -> Path:
     """H.264 with a keyframe every ``gop`` frames and B-frames; the picture changes every frame."""
     with av.open(str(path), mode="w") as container:

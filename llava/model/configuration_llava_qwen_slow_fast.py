@@ -13,6 +13,12 @@ CROSS_ATTN_KV_INIT_LAYOUTS = ("per_head", "reference")
 SLOW_TOKEN_POSITION_ENCODINGS = ("none", "fourier", "fourier_spacetime")
 CROSS_ATTN_QUERY_SOURCES = ("self_attn", "own")
 _OVERRIDE_KEYS = {"depths", "dims", "image_size", "norm_eps", "output_stride"}
+_OWN_QUERY_TP_KEY = "layers.*.self_attn.cross_attn_q_proj"
+_HYBRID_TP_PLAN = {  # the hybrid layers' projections in the tensor-parallel plan (see base_model_tp_plan)
+    "layers.*.self_attn.cross_attn_kv_proj": "colwise",
+    _OWN_QUERY_TP_KEY: "colwise",
+    "layers.*.self_attn.cross_attn_gate_proj.*": "rowwise",
+}
 
 
 def cross_attn_query_mode(implementation: str) -> str:
@@ -82,15 +88,6 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
     """
 
     model_type = "llava_qwen_slow_fast"
-    # Qwen2's tensor-parallel plan plus the hybrid layers' own projections: the key/value projection of the slow
-    # tokens is split by key/value head like k_proj/v_proj (its output is laid out per head), and the gate reads
-    # the attention output before o_proj, which is split by head, so its partial sums are reduced like o_proj's.
-    base_model_tp_plan = {
-        **Qwen2Config.base_model_tp_plan,
-        "layers.*.self_attn.cross_attn_kv_proj": "colwise",
-        "layers.*.self_attn.cross_attn_q_proj": "colwise",
-        "layers.*.self_attn.cross_attn_gate_proj.*": "rowwise",
-    }
 
     # vision tower and projector
     mm_vision_tower: str | None = "convnext-576"
@@ -139,6 +136,31 @@ class LlavaQwenSlowFastConfig(Qwen2Config):
         """Frames per video the checkpoint was trained with: ``video_frames``, else the reference trainer's
         ``mm_training_video_frames``; None when the config records neither."""
         return self.video_frames or self.mm_training_video_frames
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Qwen2's tensor-parallel plan plus the projections that this configuration's hybrid layers have (none
+        without hybrid layers; ``cross_attn_q_proj`` only with ``cross_attn_query_source="own"``), so that every
+        entry names modules that exist (transformers reads this where Qwen2 has a class attribute).
+
+        The slow tokens' key/value projection is split by key/value head like ``k_proj``/``v_proj`` (its output is
+        laid out per head), an own query by head like ``q_proj``; the gate reads the attention output before
+        ``o_proj``, which is split by head, so its partial sums are reduced like ``o_proj``'s. Entries set on the
+        configuration are kept (transformers 5.16-5.19 add ``embed_tokens`` when the embeddings are tied).
+        """
+        plan = dict(Qwen2Config.base_model_tp_plan)
+        set_here = self.__dict__.get("base_model_tp_plan") or {}
+        plan.update({key: value for key, value in set_here.items() if key not in _HYBRID_TP_PLAN})
+        if self.hybrid_layer_indices:
+            for key, value in _HYBRID_TP_PLAN.items():
+                if key != _OWN_QUERY_TP_KEY or self.cross_attn_query_source == "own":
+                    plan[key] = value
+        return plan
+
+    @base_model_tp_plan.setter
+    def base_model_tp_plan(self, plan: dict[str, str] | None) -> None:
+        # kept in the instance under the name transformers leaves out of config.json
+        self.__dict__["base_model_tp_plan"] = dict(plan or {})
 
     @property
     def hybrid_layer_indices(self) -> list[int]:

@@ -27,6 +27,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 
 from ..constants import TOKEN_TYPE_RESPONSE, TOKEN_TYPE_TEXT, TOKEN_TYPE_VISUAL
 from .cache import SlowKeyValues
+from .compat import cache_kwargs, take_cache
 from .configuration_llava_qwen_slow_fast import cross_attn_query_mode, parse_gating_type
 
 
@@ -248,8 +249,13 @@ class SlowFastAttention(Qwen2Attention):
         slow_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
         slow_token_mask: torch.Tensor | None = None,
         cross_attn_query_mask: torch.Tensor | None = None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Qwen2's attention ``[B, L, hidden]`` -> ``[B, L, hidden]`` (and eager weights), plus the gated
+        cross-attention over ``slow_key_values`` at the positions of ``cross_attn_query_mask`` ``[B, L]``. The cache
+        comes as ``cache`` from transformers 5.24, as ``past_key_values`` before."""
+        cache = take_cache(cache, past_key_values)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -257,8 +263,8 @@ class SlowFastAttention(Qwen2Attention):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -349,14 +355,18 @@ class SlowFastDecoderLayer(Qwen2DecoderLayer):
         past_key_values=None,
         slow_token_mask: torch.Tensor | None = None,
         cross_attn_query_mask: torch.Tensor | None = None,
+        cache=None,
         **kwargs,
     ) -> torch.Tensor:
+        """``hidden_states`` ``[B, L, hidden]`` through Qwen2's layer with the slow tokens ``[B, S, hidden]`` read by
+        its attention. The cache comes as ``cache`` from transformers 5.24, as ``past_key_values`` before."""
+        cache = take_cache(cache, past_key_values)
         slow_kv = None
         if cross_attn_query_mask is not None:
-            slow_kv = self.slow_key_values(slow_tokens, past_key_values)
+            slow_kv = self.slow_key_values(slow_tokens, cache)
         return super().forward(
             hidden_states,
-            past_key_values=past_key_values,
+            **cache_kwargs(cache),
             slow_key_values=slow_kv,
             slow_token_mask=slow_token_mask,
             cross_attn_query_mask=cross_attn_query_mask if slow_kv is not None else None,

@@ -37,6 +37,7 @@ from ..constants import (
     TOKEN_TYPE_VISUAL,
 )
 from .cache import SlowFastCache, SlowFastStaticCache, SlowKeyValues
+from .compat import cache_kwargs, output_cache, take_cache
 from .configuration_llava_qwen_slow_fast import CROSS_ATTN_KV_INIT_LAYOUTS, LlavaQwenSlowFastConfig
 from .hybrid_layer import SlowCrossAttention, SlowFastAttention, SlowFastDecoderLayer, cross_attn_query_mask
 from .projector import ProjectorLinear, build_projector
@@ -175,6 +176,7 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
         slow_tokens: torch.Tensor | None = None,
         slow_token_mask: torch.Tensor | None = None,
         cross_attn_query_mask: torch.Tensor | None = None,
+        cache=None,
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         """Qwen2's decoder loop; hybrid layers also get ``slow_tokens`` ``[B, S, hidden]``, ``slow_token_mask``
@@ -183,16 +185,18 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
         ``output_hidden_states`` / ``output_attentions`` add ``hidden_states`` (embeddings and every layer),
         ``attentions`` (self-attention weights, ``[B, H, L, L_total]`` per layer) and ``cross_attentions`` (the
         hybrid layers' weights over the slow tokens, ``[B, H, L, S]``); weights need ``attn_implementation="eager"``.
-        ``attention_mask`` may be the mask mapping that ``generate`` prepares for a static cache."""
+        ``attention_mask`` may be the mask mapping that ``generate`` prepares for a static cache. The cache may be
+        passed as ``cache`` or ``past_key_values`` (its name before transformers 5.24) on every release."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = SlowFastCache(config=self.config)
+        cache = take_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = SlowFastCache(config=self.config)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
 
         if isinstance(attention_mask, dict):  # already prepared by generate (static cache)
@@ -202,8 +206,8 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
                 "position_ids": position_ids,
+                **cache_kwargs(cache),
             }
             masks = {"full_attention": create_causal_mask(**mask_kwargs)}
             if self.has_sliding_layers:
@@ -214,8 +218,8 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
         common = dict(
             position_embeddings=position_embeddings,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **cache_kwargs(cache),
             **kwargs,
         )
         for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
@@ -233,7 +237,7 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
                 hidden_states = layer(hidden_states, attention_mask=mask, **common)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+            last_hidden_state=hidden_states, **cache_kwargs(cache if use_cache else None)
         )
 
 
@@ -428,6 +432,7 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         slow_token_mask: torch.Tensor | None = None,
         cross_attn_query_mask: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
         **kwargs,
     ) -> CausalLMOutputWithCrossAttentions:
         """Logits ``[B, L', vocab]`` over the merged sequence (text with fast tokens) and the loss on ``labels``.
@@ -435,7 +440,9 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         With ``images``, ``input_ids`` holds ``-200`` placeholders; ``labels`` are aligned to ``input_ids``
         and re-aligned to the merged sequence. During generation the prompt's multimodal inputs arrive
         already merged (``inputs_embeds``, ``slow_tokens``, ``slow_token_mask``, ``cross_attn_query_mask``).
+        The cache may be passed as ``cache`` or ``past_key_values`` (its name before transformers 5.24).
         """
+        cache = take_cache(cache, past_key_values)
         if images is not None and inputs_embeds is None and input_ids is not None:
             mm = self.prepare_multimodal_inputs(input_ids, attention_mask, labels, images)
             input_ids, inputs_embeds, attention_mask, position_ids = None, mm.inputs_embeds, mm.attention_mask, mm.position_ids
@@ -448,7 +455,7 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             )
             input_ids = None
 
-        if slow_token_mask is not None and _is_decode_step(past_key_values):
+        if slow_token_mask is not None and _is_decode_step(cache):
             # decode step: new tokens are text after the visual input
             if self.config.cross_attn_decode_mode == "reference":
                 cross_attn_query_mask = None  # the reference zeroes decode-time cross-attention
@@ -460,7 +467,7 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             slow_tokens=slow_tokens,
@@ -476,10 +483,10 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         return CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             cross_attentions=outputs.cross_attentions,
+            **cache_kwargs(output_cache(outputs)),
         )
 
     def _dummy_visual_path(self, input_ids, inputs_embeds):
@@ -518,10 +525,12 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         Batches are left-padded after the fast tokens are merged, so prompts and videos of different lengths
         can share a batch. ``visual_tokens`` (from [`encode_images`]) skips re-encoding the video. A prompt
         longer than ``config.tokenizer_model_max_length`` (text + fast tokens) loses the end of its text, with
-        a warning, as in the reference; the visual tokens are never cut (see :func:`truncate_merged`).
+        a warning, as in the reference; the visual tokens are never cut (see :func:`truncate_merged`). A cache
+        object may be passed as ``cache`` or ``past_key_values`` (its name before transformers 5.24).
         """
+        cache = take_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
         if images is None and visual_tokens is None:
-            return super().generate(inputs, **kwargs)
+            return super().generate(inputs, **kwargs, **cache_kwargs(cache) if cache is not None else {})
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
         if inputs is None:
@@ -538,8 +547,10 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             padding_side="left",
             max_length=self.config.tokenizer_model_max_length,
         )
-        if kwargs.get("use_cache", True) and kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = self._generation_cache(mm.inputs_embeds.shape[1], kwargs)
+        if kwargs.get("use_cache", True) and cache is None:
+            cache = self._generation_cache(mm.inputs_embeds.shape[1], kwargs)
+        if cache is not None:
+            kwargs.update(cache_kwargs(cache))
         if mm.slow_tokens is not None:
             kwargs.update(
                 slow_tokens=mm.slow_tokens,

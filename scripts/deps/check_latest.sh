@@ -10,6 +10,7 @@
 #   LIFT_UPPER=1  also upgrade the packages that pyproject.toml caps (transformers, timm, av, lmms-eval,
 #                 filelock, gradio) past their caps, to see whether a cap can be raised
 #   OUT           folder for the report (default logs/deps-latest)
+#   EXTRAS        extras to install (default train,eval,test,bench,demo,serve)
 # Exit status: the test suite's (0 when the newest releases pass).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -18,7 +19,7 @@ OUT="${OUT:-logs/deps-latest}"
 mkdir -p "$OUT"
 VENV="$(mktemp -d)/venv"
 "${PYTHON:-python3}" -m venv "$VENV"
-"$VENV/bin/pip" install --quiet -e ".[train,eval,test,bench,demo,serve]"
+"$VENV/bin/pip" install --quiet -e ".[${EXTRAS:-train,eval,test,bench,demo,serve}]"
 if [[ "${LIFT_UPPER:-0}" == "1" ]]; then
     CAPPED="$("$VENV/bin/python" - <<'PY'
 import tomllib
@@ -34,30 +35,7 @@ PY
 fi
 "$VENV/bin/pip" freeze --all --exclude-editable | grep -viE '^(pip|slowfast-llava)==' | LC_ALL=C sort -f > "$OUT/latest.txt"
 
-"$VENV/bin/python" - "$OUT/latest.txt" <<'PY' | tee "$OUT/drift.txt"
-import sys
-from packaging.utils import canonicalize_name
-
-def pins(path):
-    found = {}
-    for line in open(path):
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
-            found[canonicalize_name(name)] = version.strip()
-    return found
-
-locked, latest = pins("constraints.txt"), pins(sys.argv[1])
-moved = [(n, locked[n], latest[n]) for n in sorted(locked.keys() & latest.keys()) if locked[n] != latest[n]]
-print(f"{len(moved)} of {len(locked)} pinned packages have newer releases in use, "
-      f"{len(latest.keys() - locked.keys())} new, {len(locked.keys() - latest.keys())} gone")
-for name, old, new in moved:
-    print(f"  {name}: {old} -> {new}")
-for name in sorted(latest.keys() - locked.keys()):
-    print(f"  + {name} {latest[name]}")
-for name in sorted(locked.keys() - latest.keys()):
-    print(f"  - {name} {locked[name]}")
-PY
+"$VENV/bin/python" scripts/deps/drift.py "$OUT/latest.txt" | tee "$OUT/drift.txt"
 
 set +e
 "$VENV/bin/python" -m pytest -q "$@" 2>&1 | tee "$OUT/pytest.txt"

@@ -1,4 +1,4 @@
-"""Fixtures of the vLLM tests (run in vLLM's own environment: ``.ci/vllm.sh``).
+"""Fixtures of the vLLM tests (run in vLLM's own environment: ``.ci/lane_vllm.sh``).
 
 The transformers side of every comparison runs in the project's main environment (``SLOWFAST_REFERENCE_PYTHON``,
 default ``.venv/bin/python``) through ``tests/vllm_plugin/reference.py``: vLLM's CPU build cannot import timm. vLLM runs on

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .conftest import REFERENCE_PYTHON, REPO
 
-import lmms_eval  # noqa: F401  (installed by .ci/vllm.sh: without it this module fails, it is not skipped)
+import lmms_eval  # noqa: F401  (installed by .ci/lane_vllm.sh: without it this module fails, it is not skipped)
 
 TINY = REPO / "assets" / "tiny-slowfast"
 TASK = "synthetic_video_qa"
