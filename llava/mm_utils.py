@@ -105,6 +105,19 @@ def process_images(
     return new_images
 
 
+def clip_pixels(clip: Any, image_processor: Any, model_cfg: Any) -> torch.Tensor:
+    """Pixels ``[T, 3, S, S]`` of a :class:`llava.video.VideoClip` as the model was trained to read them.
+
+    A still image (``clip.backend == "image"``) goes through :func:`process_images`: padded to a square first
+    when the config says ``image_aspect_ratio: pad``, as in training; video frames are resized and cropped.
+    """
+    if getattr(clip, "backend", None) == "image":
+        images = [Image.fromarray(frame) for frame in clip.frames]
+        pixels = process_images(images, image_processor, model_cfg)
+        return pixels if isinstance(pixels, torch.Tensor) else torch.stack(pixels)
+    return image_processor.preprocess(clip.frames, return_tensors="pt")["pixel_values"]
+
+
 # --------------------------------------------------------------------------------------------
 # Frames per video
 # --------------------------------------------------------------------------------------------

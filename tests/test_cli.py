@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
@@ -197,3 +198,22 @@ def test_a_frame_count_other_than_the_trained_one_is_warned_once(checkpoint, cap
     assert load_video_spy == [4]
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "trained with 8 frames per video but 4" in warnings[0]
+
+
+def test_a_still_image_is_padded_to_a_square_before_encoding_as_in_training(checkpoint, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from llava.mm_utils import process_images
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(load_video(DEMO_VIDEO, 1).frames[0]).resize((96, 48)).save(wide)
+    tokenizer, model, image_processor, _ = load_pretrained_model(checkpoint, None, "tiny", device="cpu")
+    assert model.config.image_aspect_ratio == "pad"
+    seen = []
+    monkeypatch.setattr(model, "encode_images", lambda pixels: seen.append(pixels[0]) or [None])
+    session = cli.ChatSession(tokenizer, model, image_processor)
+    with pytest.raises(AttributeError):  # the spy returns no tokens; only the pixels matter here
+        session.load_video(wide)
+    padded = process_images([Image.open(wide).convert("RGB")], image_processor, model.config)
+    cropped = image_processor.preprocess(load_video(wide, 1).frames, return_tensors="pt")["pixel_values"]
+    assert torch.equal(seen[0], padded) and not torch.equal(seen[0], cropped)

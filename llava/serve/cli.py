@@ -31,6 +31,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import (
     KeywordsStoppingCriteria,
+    clip_pixels,
     frame_count_warning,
     get_model_name_from_path,
     template_stop,
@@ -255,7 +256,7 @@ class ChatSession:
         """
         self._require_vision_tower()
         start = time.perf_counter()
-        pixels = self.image_processor.preprocess(clip.frames, return_tensors="pt")["pixel_values"]
+        pixels = clip_pixels(clip, self.image_processor, self.model.config)
         with torch.no_grad():
             tokens = self.model.encode_images([pixels])[0]
         if tokens.fast.is_cuda:

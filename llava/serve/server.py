@@ -30,7 +30,7 @@ import torch
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.media_gate import UPLOAD_LIMITS, MediaInfo, MediaLimits
-from llava.mm_utils import frame_count_warning, tokenizer_image_token, trained_video_frames
+from llava.mm_utils import clip_pixels, frame_count_warning, tokenizer_image_token, trained_video_frames
 from llava.model.slow_fast import SlowFastTokens, count_visual_tokens
 from llava.serve.batching import BatchingEngine, EngineClosed, SamplingParams, VisualInput
 from llava.serve.guards import HostGuard
@@ -378,7 +378,7 @@ class ChatServer:
             clip = decode_media(medium.source, medium.path or "", plan.frames, plan.request.fps,
                                 self.options.media_limits, budget)
             budget -= clip.frames.nbytes
-            pixels = self.image_processor.preprocess(clip.frames, return_tensors="pt")["pixel_values"]
+            pixels = clip_pixels(clip, self.image_processor, self.model.config)
             fast, slow = count_visual_tokens(clip.frames.shape[0], self._grid, self.model.slow_fast_params)
             visuals.append(VisualInput(medium.key, fast, slow, pixels=pixels))
         if plan.needs_decoding:
