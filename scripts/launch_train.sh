@@ -228,6 +228,10 @@ slurm_train() {
     [[ -n "$run_status" ]] && rm -f "$run_status"
     local before
     before=$(_slurm_newest_step)
+    if [[ -z "$before" ]]; then
+        echo "slurm_train: cannot read the checkpoints of OUTPUT_DIR (${OUTPUT_DIR:-unset}) with" \
+            "${PYTHON:-python3} -m llava.train.checkpoints: restarts without progress are not capped" >&2
+    fi
     _SLURM_STEP_PID="" _SLURM_SIGNALLED=0
     trap '_slurm_forward_stop USR1' USR1
     trap '_slurm_forward_stop TERM' TERM
@@ -273,6 +277,6 @@ slurm_train() {
         fi
     fi
     echo "slurm_train: stopped early: requeueing job $SLURM_JOB_ID to resume from the newest complete checkpoint" >&2
-    scontrol requeue "$SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || echo "slurm_train: scontrol requeue $SLURM_JOB_ID failed" >&2
     return "$status"
 }

@@ -106,6 +106,9 @@ class SlowFastTrainer(Trainer):
         # A cluster's stop signal reaches the DataLoader workers too: they ignore it and the trainer decides.
         return shield_workers(super().get_train_dataloader())
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        return shield_workers(super().get_eval_dataloader(eval_dataset))
+
     def _run_epoch(self, *args, **kwargs):
         # A resumed run wraps the data loader to skip the steps already trained, and accelerate's set_epoch
         # does not reach the sampler through that wrapper: without this the resumed epoch would be drawn in
