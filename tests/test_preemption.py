@@ -5,6 +5,7 @@ recipe scripts are in tests/test_train_resume.py.)"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -96,6 +97,16 @@ def test_a_stop_signal_reaching_a_worker_before_its_init_is_discarded(monkeypatc
                         _signal_self_before_init(signal_handling._set_worker_signal_handlers))
     loader = shield_workers(DataLoader(_Numbers(), batch_size=4, num_workers=2))  # workers fork this patch
     assert [v for batch in loader for v in batch.flatten().tolist()] == list(range(24))
+
+
+@pytest.mark.parametrize("start", [None, "fork", "spawn", "forkserver"])
+def test_every_start_method_starts_workers_with_the_stop_signals_blocked(start):
+    from llava.train.worker_signals import _StartsBlocked
+
+    loader = shield_workers(DataLoader(_Numbers(), num_workers=1, multiprocessing_context=start))
+    expected = multiprocessing.get_context(start).get_start_method()
+    assert loader.multiprocessing_context.get_start_method() == expected
+    assert issubclass(loader.multiprocessing_context.Process, _StartsBlocked)
 
 
 def test_shielding_composes_with_the_loaders_worker_init_once_and_leaves_a_loader_without_workers_alone():

@@ -121,20 +121,22 @@ def assert_stopped_with_a_checkpoint(out: Path, process: subprocess.Popen, reaso
     return step
 
 
-@pytest.fixture(scope="module")
-def zero2_reference(workdir) -> list[dict]:
-    out = workdir / "zero2-reference"
-    process = launch("pretrain/pretrain_frame64-s1t4.sh", workdir, out, stage="pretrain")
+def uninterrupted(workdir: Path, script: str, stage: str, name: str) -> list[dict]:
+    """The per-step logs of a run that nothing stops (DataLoader workers in the main process)."""
+    out = workdir / name
+    process = launch(script, workdir, out, stage=stage)
     assert process.returncode == 0, log_of(out)[-4000:]
     return step_logs(out / "trainer_state.json")
+
+
+@pytest.fixture(scope="module")
+def zero2_reference(workdir) -> list[dict]:
+    return uninterrupted(workdir, "pretrain/pretrain_frame64-s1t4.sh", "pretrain", "zero2-reference")
 
 
 @pytest.fixture(scope="module")
 def zero3_reference(workdir) -> list[dict]:
-    out = workdir / "zero3-reference"
-    process = launch("finetune/finetune_frame64-s1t4.sh", workdir, out, stage="finetune")
-    assert process.returncode == 0, log_of(out)[-4000:]
-    return step_logs(out / "trainer_state.json")
+    return uninterrupted(workdir, "finetune/finetune_frame64-s1t4.sh", "finetune", "zero3-reference")
 
 
 # ----------------------------------------------------------------------------- the processes of a run

@@ -36,17 +36,21 @@ def _stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+class _StartsBlocked:
+    """Mixin for a ``multiprocessing`` process class: ``start()`` with the stop signals blocked."""
+
+    def start(self) -> None:
+        with _stop_signals_blocked():
+            super().start()
+
+
 # One subclass per start method, defined at module level: spawn and forkserver pickle the process object.
-class _ForkProcess(mp_context.ForkProcess):
-    def start(self) -> None:
-        with _stop_signals_blocked():
-            super().start()
+class _ForkProcess(_StartsBlocked, mp_context.ForkProcess):
+    pass
 
 
-class _SpawnProcess(mp_context.SpawnProcess):
-    def start(self) -> None:
-        with _stop_signals_blocked():
-            super().start()
+class _SpawnProcess(_StartsBlocked, mp_context.SpawnProcess):
+    pass
 
 
 class _ForkContext(mp_context.ForkContext):
@@ -61,10 +65,8 @@ _SHIELDED_CONTEXTS: dict[type, type] = {mp_context.ForkContext: _ForkContext, mp
 
 if hasattr(mp_context, "ForkServerContext"):  # POSIX
 
-    class _ForkServerProcess(mp_context.ForkServerProcess):
-        def start(self) -> None:
-            with _stop_signals_blocked():
-                super().start()
+    class _ForkServerProcess(_StartsBlocked, mp_context.ForkServerProcess):
+        pass
 
     class _ForkServerContext(mp_context.ForkServerContext):
         Process = _ForkServerProcess
