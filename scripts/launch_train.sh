@@ -111,7 +111,7 @@ launch_train() {
     # refusal that every trainer shares (bad arguments or data) is written to the refusal file and the trainers
     # exit 0, so that torchrun does not bury the message under a traceback; this script prints it last, exits 2.
     local refusal_file
-    refusal_file=$(mktemp "${TMPDIR:-/tmp}/launch_train.refusal.XXXXXX")
+    refusal_file=$(trap '' TERM USR1; mktemp "${TMPDIR:-/tmp}/launch_train.refusal.XXXXXX")
     (
         trap '' TERM USR1
         export PET_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT" LLAVA_LAUNCH_REFUSAL_FILE="$refusal_file"
@@ -126,7 +126,7 @@ launch_train() {
         if [[ -n "$_LAUNCH_PENDING" ]]; then
             _launch_deliver
             if [[ -n "$_LAUNCH_PENDING" ]] && _launch_running "$_LAUNCH_AGENT_PID"; then
-                sleep 0.2  # not every trainer listens yet
+                sleep 0.2 || true  # not every trainer listens yet (a signal to the group may end the sleep)
                 continue
             fi
         fi
@@ -136,7 +136,7 @@ launch_train() {
         # a trapped signal interrupts `wait`; wait again for torchrun's own status
         (( _LAUNCH_INTERRUPTED )) || break
     done
-    trap - USR1 TERM
+    trap '' USR1 TERM  # the run is over: a late stop signal has nothing left to stop
     _LAUNCH_AGENT_PID=""
     local refusal=""
     if [[ -s "$refusal_file" ]]; then
@@ -202,7 +202,8 @@ _slurm_forward_stop() {
     _SLURM_INTERRUPTED=1
     _SLURM_SIGNALLED=1
     echo "slurm_train: $1 received: forwarding it to the training step" >&2
-    scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || kill "-$1" "$_SLURM_STEP_PID" 2>/dev/null || true
+    scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || { [[ -n "$_SLURM_STEP_PID" ]] \
+        && kill "-$1" "$_SLURM_STEP_PID" 2>/dev/null; } || true
 }
 
 # The step of OUTPUT_DIR's newest complete checkpoint, -1 without one, nothing when it cannot be told.
@@ -217,6 +218,9 @@ slurm_train() {
     local recipe="$1"
     shift
     : "${SLURM_JOB_ID:?slurm_train runs inside a Slurm batch job (sbatch)}"
+    _SLURM_STEP_PID="" _SLURM_SIGNALLED=0 _SLURM_INTERRUPTED=0
+    trap '_slurm_forward_stop USR1' USR1
+    trap '_slurm_forward_stop TERM' TERM
     export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
     export MASTER_PORT="${MASTER_PORT:-29500}"
     export NNODES="${SLURM_NNODES:-1}"
@@ -225,6 +229,10 @@ slurm_train() {
     local run_status="${OUTPUT_DIR:+$OUTPUT_DIR/run_status.json}"
     local futile="${OUTPUT_DIR:+$OUTPUT_DIR/slurm_restarts_without_progress}"
     local most="${MAX_RESTARTS_WITHOUT_PROGRESS:-3}"
+    if [[ ! "$most" =~ ^[0-9]+$ ]]; then
+        echo "slurm_train: MAX_RESTARTS_WITHOUT_PROGRESS must be a whole number, got '$most'" >&2
+        return 2
+    fi
     [[ -n "$run_status" ]] && rm -f "$run_status"
     local before
     before=$(_slurm_newest_step)
@@ -232,9 +240,6 @@ slurm_train() {
         echo "slurm_train: cannot read the checkpoints of OUTPUT_DIR (${OUTPUT_DIR:-unset}) with" \
             "${PYTHON:-python3} -m llava.train.checkpoints: restarts without progress are not capped" >&2
     fi
-    _SLURM_STEP_PID="" _SLURM_SIGNALLED=0
-    trap '_slurm_forward_stop USR1' USR1
-    trap '_slurm_forward_stop TERM' TERM
     srun --kill-on-bad-exit=1 bash -c 'NODE_RANK=$SLURM_NODEID exec bash "$0" "$@"' "$recipe" "$@" &
     _SLURM_STEP_PID=$!
     local status
@@ -244,7 +249,7 @@ slurm_train() {
         wait "$_SLURM_STEP_PID" || status=$?
         (( _SLURM_INTERRUPTED )) || break
     done
-    trap - USR1 TERM
+    trap '' USR1 TERM  # the step is over: a late signal must not cut the requeue decision short
     if (( status != 0 && status != LAUNCH_STOPPED_STATUS )) && [[ -n "$run_status" ]] \
         && grep -qs '"status": "stopped"' "$run_status"; then
         echo "slurm_train: the step exited with $status, but the run had stopped with a complete checkpoint" >&2
@@ -266,7 +271,9 @@ slurm_train() {
         if (( after > before )); then
             rm -f "$futile"
         else
-            count=$(( $(cat "$futile" 2>/dev/null || echo 0) + 1 ))
+            count=$(cat "$futile" 2>/dev/null || true)
+            [[ "$count" =~ ^[0-9]+$ ]] || count=0
+            count=$((count + 1))
             echo "$count" > "$futile"
             if (( count > most )); then
                 echo "slurm_train: the last $count runs of job $SLURM_JOB_ID ended without a new complete" \

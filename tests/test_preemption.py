@@ -361,3 +361,10 @@ def test_newest_complete_step_cli_prints_the_step_or_nothing(tmp_path):
         if complete:
             write_completion_marker(tmp_path / f"checkpoint-{step}", step)
     assert subprocess.run(run, capture_output=True, text=True, check=True).stdout.strip() == "3"
+
+
+def test_slurm_restart_cap_that_is_not_a_number_is_refused_naming_it(tmp_path):
+    status, output, requeued = _slurm_run(tmp_path, STOPPED, new_step=None,
+                                          env={"MAX_RESTARTS_WITHOUT_PROGRESS": "three"})
+    assert status == 2 and not requeued
+    assert "MAX_RESTARTS_WITHOUT_PROGRESS must be a whole number, got 'three'" in output
