@@ -282,10 +282,12 @@ exit "$(cat "$FAKE/srun.status")"
 def _slurm_run(tmp_path: Path, status: int, new_step: int | None, env: dict | None = None) -> tuple[int, str, bool]:
     """One job run of the pretrain Slurm script whose step exits ``status`` after writing checkpoint ``new_step``:
     (exit status, output, requeued)."""
-    process, fake = slurm_job(tmp_path, "pretrain/slurm_pretrain_frame64-s1t4.sh", srun=FAKE_SRUN_SAVING,
-                              env={"PYTHON": sys.executable, **(env or {})})
+    fake = tmp_path / "fake"
+    fake.mkdir(exist_ok=True)
     (fake / "new_step").write_text("" if new_step is None else str(new_step))
     (fake / "srun.status").write_text(str(status))
+    process, _ = slurm_job(tmp_path, "pretrain/slurm_pretrain_frame64-s1t4.sh", srun=FAKE_SRUN_SAVING,
+                           env={"PYTHON": sys.executable, **(env or {})})
     output = process.communicate(timeout=120)[0]
     requeued = (fake / "scontrol.calls").exists()
     for name in ("scontrol.calls", "srun.status", "new_step", "srun.args"):
