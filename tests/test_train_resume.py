@@ -1,8 +1,9 @@
-"""Runs that last. Through the project's launch scripts (torchrun, 2 processes, DeepSpeed on CPU): a run stopped
-by SIGUSR1 or SIGTERM saves one complete checkpoint and exits 75, and resumed it reproduces the uninterrupted
-run's per-step losses under ZeRO-2 and ZeRO-3; a save killed half-way is never resumed from; --max_train_hours
-stops the run from inside. Then the pieces on their own: completion markers, the stop decision, the Slurm
-wrapper."""
+"""Runs that last. Through the project's launch scripts (torchrun, 2 processes, DeepSpeed on CPU, 2 DataLoader
+workers a process): a run stopped by SIGTERM or SIGUSR1, however the signal arrives (to every process of the run,
+workers included, as a cluster sends it; to the launch script alone; to its process group; to one trainer),
+saves one complete checkpoint and exits 75, and resumed (several times) it reproduces the uninterrupted run's
+per-step losses under ZeRO-2 and ZeRO-3; a save killed half-way is never resumed from; --max_train_hours stops
+the run from inside. Then the pieces on their own: completion markers, the stop decision, the Slurm wrapper."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from llava.train.checkpoints import (
     COMPLETE_MARKER,
     checkpoint_problem,
     find_resume_checkpoint,
+    list_checkpoints,
     rotate_checkpoints,
     write_completion_marker,
 )
@@ -28,7 +30,7 @@ from llava.train.stopping import StopRequest
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = json.dumps({"depths": [1, 1, 1, 1], "dims": [16, 24, 32, 48], "image_size": 64})
-STEPS = 8  # 12 samples, 2 processes x 1 sample x 2 accumulation steps: 3 steps an epoch, resumed mid-epoch 1
+STEPS = 10  # 12 samples, 2 processes x 1 sample x 2 accumulation steps: 3 steps an epoch, stopped up to 3 times
 SMALL_RUN = ["--video_frames", "4", "--min_fast_frames", "1", "--max_steps", str(STEPS),
              "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
              "--dataloader_num_workers", "0", "--model_max_length", "512", "--save_steps", "2",
@@ -72,8 +74,9 @@ def launch(script: str, root: Path, out: Path, *args: str, stage: str, env: dict
     environment.update(
         PYTHON=sys.executable, MODEL=str(model), DATA_PATH=str(root / "data" / "visual.json"),
         VIDEO_DIR=str(root / "data"), OUTPUT_DIR=str(out), NPROC_PER_NODE="2", MASTER_PORT=str(free_port()),
-        CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **(env or {}),
+        CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
     )
+    environment.update(env or {})
     command = ["bash", str(REPO / "scripts" / script), *extra, *SMALL_RUN, *args]
     with open(out.parent / f"{out.name}.log", "a") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
@@ -118,45 +121,164 @@ def assert_stopped_with_a_checkpoint(out: Path, process: subprocess.Popen, reaso
     return step
 
 
-@pytest.fixture(scope="module")
-def zero2_reference(workdir) -> list[dict]:
-    out = workdir / "zero2-reference"
-    process = launch("pretrain/pretrain_frame64-s1t4.sh", workdir, out, stage="pretrain")
+def uninterrupted(workdir: Path, script: str, stage: str, name: str) -> list[dict]:
+    """The per-step logs of a run that nothing stops (DataLoader workers in the main process)."""
+    out = workdir / name
+    process = launch(script, workdir, out, stage=stage)
     assert process.returncode == 0, log_of(out)[-4000:]
     return step_logs(out / "trainer_state.json")
 
 
-def test_zero2_run_stopped_by_sigusr1_resumes_with_the_uninterrupted_losses(workdir, zero2_reference):
-    out = workdir / "zero2-usr1"
-    process = launch("pretrain/pretrain_frame64-s1t4.sh", workdir, out, stage="pretrain", wait=False)
-    wait_for(out / "checkpoint-4" / COMPLETE_MARKER, process, out)
-    process.send_signal(signal.SIGUSR1)  # to the launcher only: it forwards the signal to the trainers
-    process.wait(timeout=600)
-    stopped_at = assert_stopped_with_a_checkpoint(out, process, "SIGUSR1")
-    assert 4 < stopped_at < STEPS
+@pytest.fixture(scope="module")
+def zero2_reference(workdir) -> list[dict]:
+    return uninterrupted(workdir, "pretrain/pretrain_frame64-s1t4.sh", "pretrain", "zero2-reference")
 
-    resumed = launch("pretrain/pretrain_frame64-s1t4.sh", workdir, out, stage="pretrain")
+
+@pytest.fixture(scope="module")
+def zero3_reference(workdir) -> list[dict]:
+    return uninterrupted(workdir, "finetune/finetune_frame64-s1t4.sh", "finetune", "zero3-reference")
+
+
+# ----------------------------------------------------------------------------- the processes of a run
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (read from /proc): torchrun, the trainers, their DataLoader workers."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            parent = _parent_of(int(entry.name))
+            if parent is not None:
+                parents[int(entry.name)] = parent
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        children = [child for child, parent in parents.items() if parent == current]
+        found += children
+        todo += children
+    return found
+
+
+def trainers(launcher: subprocess.Popen) -> dict[int, int]:
+    """``{rank: pid}`` of the trainers: the processes with a RANK in their environment."""
+    found = {}
+    for pid in descendants(launcher.pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [item[5:] for item in environ if item.startswith(b"RANK=")]
+        if ranks and _parent_of(_parent_of(pid) or 0) == launcher.pid:  # launcher -> torchrun -> trainer
+            found[int(ranks[0])] = pid
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def signal_every_process(launcher: subprocess.Popen, sig: signal.Signals) -> list[int]:
+    """``sig`` to each process of the run, as Slurm signals a job step, at a moment when both trainers' DataLoader
+    workers are running (between two epochs they are not, or are exiting); returns the workers signalled."""
+    deadline = time.monotonic() + 120
+    while True:
+        everyone = [launcher.pid] + descendants(launcher.pid)
+        ranks = set(trainers(launcher).values())
+        workers = [pid for pid in everyone if _parent_of(pid) in ranks and _running(pid)]
+        if {_parent_of(pid) for pid in workers} == ranks and len(ranks) == 2 and len(workers) >= 4:
+            break
+        assert time.monotonic() < deadline and launcher.poll() is None, "no moment with every worker running"
+        time.sleep(0.01)
+    for pid in everyone:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return workers
+
+
+def wait_for_checkpoint_after(step: int, process: subprocess.Popen, out: Path) -> int:
+    """Until a complete checkpoint newer than ``step`` exists (the run must still be going); its step."""
+    deadline = time.monotonic() + 600
+    while True:
+        newer = [s for s, path in list_checkpoints(out) if s > step and checkpoint_problem(path) is None]
+        if newer:
+            return min(newer)
+        assert process.poll() is None, f"the run ended before a checkpoint after step {step}:\n{log_of(out)[-4000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint after step {step}"
+        time.sleep(0.05)
+
+
+def stop_and_check(script: str, stage: str, workdir: Path, out: Path, after: int, deliver, reason: str,
+                   received: int = 2) -> int:
+    """Launch (resuming in ``out``), wait for a complete checkpoint newer than ``after``, stop the run with
+    ``deliver(process)``; check it exits 75 with a complete checkpoint at its stop step, and logs one "received"
+    line per trainer that got the signal (``received``) and none from a DataLoader worker. Returns the stop step."""
+    logged = len(log_of(out)) if (out.parent / f"{out.name}.log").exists() else 0
+    process = launch(script, workdir, out, "--dataloader_num_workers", "2", stage=stage, wait=False)
+    reached = wait_for_checkpoint_after(after, process, out)
+    deliver(process)
+    process.wait(timeout=600)
+    stopped_at = assert_stopped_with_a_checkpoint(out, process, reason)
+    assert reached <= stopped_at < STEPS
+    log = log_of(out)[logged:]
+    assert "killed by signal" not in log and "Traceback" not in log, log[-4000:]
+    assert log.count(f"llava.train: received {reason}") == received, log[-4000:]  # none from the workers
+    return stopped_at
+
+
+def test_zero2_run_stopped_by_sigterm_to_every_process_then_by_sigusr1_to_the_launcher_resumes_exactly(
+    workdir, zero2_reference
+):
+    script, out, signalled = "pretrain/pretrain_frame64-s1t4.sh", workdir / "zero2-stops", {}
+
+    def everyone(process):
+        signalled["workers"] = signal_every_process(process, signal.SIGTERM)
+
+    first = stop_and_check(script, "pretrain", workdir, out, 0, everyone, "SIGTERM")
+    assert len(signalled["workers"]) == 4  # 2 DataLoader workers a trainer, running, were signalled too
+    second = stop_and_check(script, "pretrain", workdir, out, first,
+                            lambda process: process.send_signal(signal.SIGUSR1), "SIGUSR1")
+    assert second > first
+
+    resumed = launch(script, workdir, out, "--dataloader_num_workers", "2", stage="pretrain")
     assert resumed.returncode == 0, log_of(out)[-4000:]
-    assert f"resuming from {out}/checkpoint-{stopped_at}" in log_of(out)
+    assert f"resuming from {out}/checkpoint-{second}" in log_of(out)
     assert_same_steps(step_logs(out / "trainer_state.json"), zero2_reference)
 
 
-def test_zero3_run_stopped_by_sigterm_resumes_with_the_uninterrupted_losses(workdir):
-    reference_out = workdir / "zero3-reference"
-    reference = launch("finetune/finetune_frame64-s1t4.sh", workdir, reference_out, stage="finetune")
-    assert reference.returncode == 0, log_of(reference_out)[-4000:]
+def test_zero3_run_stopped_by_sigusr1_to_every_process_then_one_rank_then_the_process_group_resumes_exactly(
+    workdir, zero3_reference
+):
+    script, out, signalled = "finetune/finetune_frame64-s1t4.sh", workdir / "zero3-stops", {}
 
-    out = workdir / "zero3-term"
-    process = launch("finetune/finetune_frame64-s1t4.sh", workdir, out, stage="finetune", wait=False)
-    wait_for(out / "checkpoint-4" / COMPLETE_MARKER, process, out)
-    os.killpg(process.pid, signal.SIGTERM)  # the launcher's whole process group, torchrun included
-    process.wait(timeout=600)
-    stopped_at = assert_stopped_with_a_checkpoint(out, process, "SIGTERM")
-    assert 4 < stopped_at < STEPS
+    def everyone(process):
+        signalled["workers"] = signal_every_process(process, signal.SIGUSR1)
 
-    resumed = launch("finetune/finetune_frame64-s1t4.sh", workdir, out, stage="finetune")
+    def one_rank(process):
+        os.kill(trainers(process)[1], signal.SIGTERM)  # the other rank learns it at the step's end
+
+    stops = [stop_and_check(script, "finetune", workdir, out, 0, everyone, "SIGUSR1")]
+    assert len(signalled["workers"]) == 4
+    stops.append(stop_and_check(script, "finetune", workdir, out, stops[-1], one_rank, "SIGTERM", received=1))
+    stops.append(stop_and_check(script, "finetune", workdir, out, stops[-1],
+                                lambda process: os.killpg(process.pid, signal.SIGTERM), "SIGTERM"))
+    assert stops == sorted(set(stops))
+
+    resumed = launch(script, workdir, out, "--dataloader_num_workers", "2", stage="finetune")
     assert resumed.returncode == 0, log_of(out)[-4000:]
-    assert_same_steps(step_logs(out / "trainer_state.json"), step_logs(reference_out / "trainer_state.json"))
+    assert_same_steps(step_logs(out / "trainer_state.json"), zero3_reference)
 
 
 KILLER = '''
@@ -202,6 +324,20 @@ def test_max_train_hours_stops_the_run_from_inside_with_a_checkpoint(workdir):
     process = launch("pretrain/pretrain_frame64-s1t4.sh", workdir, out, "--max_train_hours", "0.0000001",
                      "--stop_margin_minutes", "0", stage="pretrain")
     assert assert_stopped_with_a_checkpoint(out, process, "time budget (--max_train_hours)") == 1
+
+
+def test_a_refusal_through_the_launch_script_exits_2_with_the_trainers_message_last(workdir):
+    # a mixture naming an annotation file that does not exist: every trainer refuses alike
+    mixture = workdir / "missing-source.yaml"
+    mixture.write_text("sources:\n  - {annotation: data/visual.json}\n  - {annotation: data/gone.json}\n")
+    out = workdir / "refused"
+    process = launch("pretrain/pretrain_frame64-s1t4.sh", workdir, out, stage="pretrain",
+                     env={"DATA_PATH": str(mixture)})
+    log = log_of(out)
+    assert process.returncode == 2, log[-4000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"annotation file '{workdir / 'data' / 'gone.json'}' does not exist" in last
+    assert "ChildFailedError" not in log and "Traceback" not in log, log[-4000:]
 
 
 # ----------------------------------------------------------------------------- completion markers
@@ -303,16 +439,18 @@ if [[ "$1" == show ]]; then echo node0; else echo "$@" >> "$FAKE/scontrol.calls"
 '''
 
 
-def slurm_job(tmp_path: Path, script: str) -> tuple[subprocess.Popen, Path]:
-    """The Slurm wrapper with stand-ins for srun (waits for ``srun.status``), scancel and scontrol."""
+def slurm_job(tmp_path: Path, script: str, srun: str = FAKE_SRUN, scancel: str = FAKE_SCANCEL,
+              env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    """The Slurm wrapper with stand-ins for srun (by default: waits for ``srun.status``), scancel and scontrol."""
     fake = tmp_path / "fake"
-    fake.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
+    fake.mkdir(exist_ok=True)
+    for name, text in (("srun", srun), ("scancel", scancel), ("scontrol", FAKE_SCONTROL)):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     (tmp_path / "out").mkdir(exist_ok=True)
     env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", FAKE=str(fake), SLURM_JOB_ID="4242",
-               SLURM_JOB_NODELIST="node0", SLURM_NNODES="1", SLURM_SUBMIT_DIR=str(REPO), OUTPUT_DIR=str(tmp_path / "out"))
+               SLURM_JOB_NODELIST="node0", SLURM_NNODES="1", SLURM_SUBMIT_DIR=str(REPO), OUTPUT_DIR=str(tmp_path / "out"),
+               **(env or {}))
     process = subprocess.Popen(["bash", str(REPO / "scripts" / script), "--learning_rate", "1e-4"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return process, fake

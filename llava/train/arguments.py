@@ -152,6 +152,16 @@ class TrainingArguments(transformers.TrainingArguments):
         },
     )
 
+    allow_resume_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint although this run's data (mixture file, annotation files, seeds) or "
+            "arguments differ from those of the run that wrote it (each difference is logged). Without it such a "
+            "resume is refused before the model is built. A different process count or ZeRO stage is refused "
+            "either way."
+        },
+    )
+
     def __post_init__(self):
         if self.max_train_hours is not None and not self.max_train_hours > 0:
             raise ValueError(f"--max_train_hours must be positive, got {self.max_train_hours}")

@@ -1,10 +1,15 @@
 """Stopping a run early with a checkpoint: on ``SIGUSR1`` / ``SIGTERM``, or before a wall-clock budget runs out.
 
-A signal only sets a flag. At the end of every optimiser step the processes agree (an all-reduce of one
-integer) on whether any of them was signalled or is about to exceed ``--max_train_hours``; if so every process
-has finished the same step, the trainer saves one complete checkpoint and stops. The trainer then exits with
-:data:`STOPPED_EXIT_STATUS` (under torchrun with 0, see ``llava.train.train``) and records the stop in
-``OUTPUT_DIR/run_status.json``.
+A signal only sets a flag (the handler neither logs nor allocates: it may interrupt anything, a write to the log
+included); the "received" line is logged by the training loop. At the end of every optimiser step, and again
+after every periodic save, the processes agree (an all-reduce of one integer) on whether any of them was
+signalled or is about to exceed ``--max_train_hours``. At a step end every process has finished the same step:
+the trainer saves one complete checkpoint and stops. After a periodic save the checkpoint just written is that
+checkpoint: the run stops without another step or save. The trainer then exits with :data:`STOPPED_EXIT_STATUS`
+(under torchrun with 0, see ``llava.train.train``) and records the stop in ``OUTPUT_DIR/run_status.json``.
+
+DataLoader workers leave the decision to their trainer: they ignore both signals
+(:mod:`llava.train.worker_signals`).
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import TrainerCallback
 
+from .worker_signals import STOP_SIGNALS
+
 logger = logging.getLogger("llava.train")
 
 __all__ = ["STOPPED_EXIT_STATUS", "StopCallback", "StopRequest"]
 
 # EX_TEMPFAIL (sysexits.h): a temporary failure, run the same command again to continue.
 STOPPED_EXIT_STATUS = 75
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # Stop reasons by code; processes agree on the largest code any of them reports.
 _REASONS = {1: "time budget (--max_train_hours)", 2: "SIGUSR1", 3: "SIGTERM"}
 _CODES = {"SIGUSR1": 2, "SIGTERM": 3}
@@ -57,6 +63,7 @@ class StopRequest:
         self.clock = clock
         self.start = clock() if start is None else start
         self.signal_name: str | None = None
+        self._announced = False
         self.longest_step = 0.0
         self.longest_save = 0.0
         self.reason: str | None = None  # set once the processes agreed to stop
@@ -71,10 +78,17 @@ class StopRequest:
         self.longest_save = max(self.longest_save, seconds)
 
     def _on_signal(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
+        # Only a flag: logging here could re-enter a write to the same stream that the signal interrupted.
         if self.signal_name is None:
-            self.signal_name = name
-            logger.warning("received %s: finishing the current step, then saving a checkpoint and stopping", name)
+            self.signal_name = signal.Signals(signum).name
+
+    def announce(self) -> None:
+        """Log, once, that a stop signal was received (called from the training loop, not the handler)."""
+        if self.signal_name is not None and not self._announced:
+            self._announced = True
+            logger.warning(
+                "received %s: finishing the current step, then saving a checkpoint and stopping", self.signal_name
+            )
 
     @contextlib.contextmanager
     def handling_signals(self) -> Iterator[None]:
@@ -98,17 +112,19 @@ class StopRequest:
             return None
         return 3600.0 * self.max_train_hours - (self.clock() - self.start)
 
-    def reserve(self) -> float:
-        """Time one more step and a checkpoint save need: the longest step so far, plus the longest save so far
-        or the margin, whichever is longer."""
-        return self.longest_step + max(self.margin, self.longest_save)
+    def reserve(self, saves_due: int = 1) -> float:
+        """Time that going on needs before the run can stop: one more step (the longest so far) and ``saves_due``
+        checkpoint saves (each the longest save so far or the margin, whichever is longer). Two saves are due when
+        a periodic save comes before the next step: that one, and the final one."""
+        return self.longest_step + saves_due * max(self.margin, self.longest_save)
 
-    def local_code(self) -> int:
+    def local_code(self, saves_due: int = 1) -> int:
         """0 to go on, else the code of this process's reason to stop."""
         if self.signal_name is not None:
+            self.announce()
             return _CODES[self.signal_name]
         left = self.seconds_left()
-        if left is not None and left < self.reserve():
+        if left is not None and left < self.reserve(saves_due):
             return 1
         return 0
 
@@ -125,7 +141,11 @@ def _agree(code: int, device: torch.device) -> int:
 
 
 class StopCallback(TrainerCallback):
-    """Asks the Trainer to save and stop at the end of the step where any process wants to stop."""
+    """Asks the Trainer to stop at the end of the step where any process wants to stop (saving a checkpoint), or
+    right after a periodic save (whose checkpoint then is the one to resume from).
+
+    It must come after transformers' ``DefaultFlowCallback`` (the Trainer adds that one first): at a step end it
+    reads ``control.should_save`` to know whether a periodic save is due before the next step."""
 
     def __init__(self, request: StopRequest) -> None:
         self.request = request
@@ -134,25 +154,39 @@ class StopCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._since = self.request.clock()
 
+    def _stop(self, state, code: int, when: str) -> None:
+        request = self.request
+        request.reason = _REASONS[code]
+        request.stop_step = state.global_step
+        left = request.seconds_left()
+        logger.warning(
+            "stopping after step %d (%s)%s: %s", state.global_step, request.reason,
+            f", {left / 60:.1f} min of the budget left" if left is not None else "", when,
+        )
+
     def on_step_end(self, args, state, control, **kwargs):
         request = self.request
         now = request.clock()
         if self._since is not None:
             request.record_step(now - self._since)
-        code = _agree(request.local_code(), args.device)
+        saves_due = 2 if control.should_save else 1  # a periodic save now, then the final one after a step
+        code = _agree(request.local_code(saves_due), args.device)
         if code and request.reason is None:
-            request.reason = _REASONS[code]
-            request.stop_step = state.global_step
-            left = request.seconds_left()
-            logger.warning(
-                "stopping after step %d (%s)%s: saving a checkpoint", state.global_step, request.reason,
-                f", {left / 60:.1f} min of the budget left" if left is not None else "",
-            )
+            self._stop(state, code, "saving a checkpoint")
             control.should_save = True
             control.should_training_stop = True
         self._since = request.clock()
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        # Every process saved (the save ends with a barrier). A signal that came during the save, or a budget that
+        # no longer covers a step and a save, stops the run here: the checkpoint just written is complete.
+        request = self.request
+        if request.reason is None and not control.should_training_stop:
+            code = _agree(request.local_code(), args.device)
+            if code:
+                self._stop(state, code, "the checkpoint just saved is complete")
+                control.should_training_stop = True
         # the next step's time starts after the save
-        self._since = self.request.clock()
+        self._since = request.clock()
+        return control

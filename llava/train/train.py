@@ -7,12 +7,18 @@ The output folder is a complete checkpoint (config, weights, tokenizer, image pr
 ``load_pretrained_model`` and the CLI load directly. A run whose output folder holds complete ``checkpoint-*``
 folders resumes from the newest one (:mod:`llava.train.checkpoints`).
 
+Before the model is built, rank 0 chooses the checkpoint to resume from and checks it against this run (world
+size, ZeRO stage, data fingerprint, arguments: :mod:`llava.train.resume`); every process resumes from it or
+refuses with the same message.
+
 On ``SIGUSR1`` or ``SIGTERM``, or before ``--max_train_hours`` runs out, every process finishes its step, one
 complete checkpoint is saved and the run stops (:mod:`llava.train.stopping`). Exit status: 0 when training
 finished, :data:`~llava.train.stopping.STOPPED_EXIT_STATUS` (75) when it stopped early with a checkpoint (run
 the same command again to continue), 2 for bad arguments or data. Under torchrun, which reports any non-zero
 worker status as a crash, an early stop exits with 0; ``OUTPUT_DIR/run_status.json`` records the outcome either
-way (``scripts/launch_train.sh`` turns it into status 75).
+way (``scripts/launch_train.sh`` turns it into status 75). Launched by ``scripts/launch_train.sh`` (which sets
+``LLAVA_LAUNCH_REFUSAL_FILE``), a refusal that every process shares also exits 0 under torchrun, with its message
+in that file, so that torchrun adds no traceback; the script then prints the message last and exits 2.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
 
 from llava.model import LlavaQwenSlowFastConfig, LlavaQwenSlowFastForCausalLM
 from llava.train.arguments import ModelArguments, TrainingArguments
-from llava.train.checkpoints import checkpoint_problem, find_resume_checkpoint
+from llava.train.checkpoints import find_resume_checkpoint
 from llava.train.data import DataArguments, make_supervised_data_module
+from llava.train.resume import RunRefused, agreed, choose_resume
+from llava.train.run_record import current_run_record
 from llava.train.stopping import STOPPED_EXIT_STATUS, StopRequest
 from llava.train.trainer import CROSS_ATTN, PROJECTOR, VISION_TOWER, SlowFastTrainer
 
@@ -152,8 +160,9 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, training_
     return LlavaQwenSlowFastConfig(**fields), True
 
 
-def build_model(model_args, data_args, training_args) -> LlavaQwenSlowFastForCausalLM:
-    config, is_new = build_config(model_args, data_args, training_args)
+def build_model(model_args, data_args, training_args, built_config=None) -> LlavaQwenSlowFastForCausalLM:
+    """The model; ``built_config``: :func:`build_config`'s result when the caller has it already."""
+    config, is_new = built_config or build_config(model_args, data_args, training_args)
     dtype = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else torch.float32)
     # A new model loads the LM weights into the Slow-Fast architecture directly: hybrid layers, tower and
     # projector are created by the model's own __init__ (ZeRO-3 partitions them as it builds), nothing is
@@ -218,29 +227,6 @@ def last_checkpoint(output_dir: str) -> str | None:
     return find_resume_checkpoint(output_dir)[0]
 
 
-def resume_checkpoint(training_args: TrainingArguments) -> str | None:
-    """Where to resume: ``--resume_from_checkpoint`` if given, else the newest complete checkpoint of the
-    output folder. Logs the choice and every newer checkpoint passed over, with the reason."""
-    explicit = training_args.resume_from_checkpoint
-    if explicit:
-        if not os.path.isdir(explicit):
-            raise FileNotFoundError(f"--resume_from_checkpoint {explicit}: no such folder")
-        problem = checkpoint_problem(explicit)
-        if problem:
-            logger.warning("resuming from %s as asked by --resume_from_checkpoint, although %s", explicit, problem)
-        else:
-            logger.info("resuming from %s (--resume_from_checkpoint)", explicit)
-        return explicit
-    path, skipped = find_resume_checkpoint(training_args.output_dir)
-    for other, why in skipped:
-        logger.warning("not resuming from %s: %s", other, why)
-    if path:
-        logger.info("resuming from %s: the newest complete checkpoint", path)
-    elif skipped:
-        logger.warning("no complete checkpoint in %s: training from the start", training_args.output_dir)
-    return path
-
-
 def _write_run_status(output_dir: str, status: dict) -> None:
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, RUN_STATUS_FILE)
@@ -258,18 +244,30 @@ def train(argv: list[str] | None = None) -> dict:
         ``"stopped"`` (early, with a checkpoint: ``reason`` and ``checkpoint``), and ``global_step``.
     """
     started = time.monotonic()
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    command_line = list(sys.argv[1:] if argv is None else argv)
+    parser = _ArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=command_line)
+    except ValueError as err:  # the same command line on every process: they all refuse alike
+        raise RunRefused(str(err)) from None
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.local_process_index == 0 else logging.WARNING,
     )
     stop_request = StopRequest(training_args.max_train_hours, training_args.stop_margin_minutes, start=started)
     with stop_request.handling_signals():
-        return _train(model_args, data_args, training_args, stop_request)
+        return _train(model_args, data_args, training_args, stop_request, parser, command_line)
 
 
-def _train(model_args, data_args, training_args, stop_request: StopRequest) -> dict:
+class _ArgumentParser(HfArgumentParser):
+    """Reports a bad command line as a ``ValueError`` (argparse prints the usage and exits)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        raise ValueError(message)
+
+
+def _train(model_args, data_args, training_args, stop_request: StopRequest, parser, command_line) -> dict:
     transformers.set_seed(training_args.seed)
     # Set up the process group (gloo on CPU) before ZeRO-3 builds the model, or DeepSpeed starts its own.
     _ = training_args.device
@@ -279,7 +277,11 @@ def _train(model_args, data_args, training_args, stop_request: StopRequest) -> d
         # ZeRO-3 reads the world size from DeepSpeed's own communicator, which accelerate sets up on GPUs only.
         deepspeed.init_distributed(dist_backend=training_args.ddp_backend or ("gloo" if training_args.use_cpu else "nccl"))
 
-    model = build_model(model_args, data_args, training_args)
+    # Where to resume, checked against this run before the model is built; the same on every process.
+    run = agreed(lambda: current_run_record(model_args, data_args, training_args, parser, command_line))
+    resume = choose_resume(training_args, run)
+    built_config = agreed(lambda: build_config(model_args, data_args, training_args))
+    model = build_model(model_args, data_args, training_args, built_config)
     set_trainable(model, model_args)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, model_max_length=training_args.model_max_length)
     if tokenizer.pad_token is None:
@@ -292,17 +294,17 @@ def _train(model_args, data_args, training_args, stop_request: StopRequest) -> d
     image_processor = base_model.get_vision_tower().image_processor
 
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-    data_module = make_supervised_data_module(
+    data_module = agreed(lambda: make_supervised_data_module(
         tokenizer, image_processor, data_args, base_model.config, max_length=training_args.model_max_length,
         seed=data_seed,
-    )
+    ))
     trainer = SlowFastTrainer(
-        model=model, args=training_args, processing_class=tokenizer, stop_request=stop_request, **data_module
+        model=model, args=training_args, processing_class=tokenizer, stop_request=stop_request, run_record=run,
+        **data_module,
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("trainable parameters: %d", trainable)
 
-    resume = resume_checkpoint(training_args)
     if training_args.should_save:
         stale = os.path.join(training_args.output_dir, RUN_STATUS_FILE)
         if os.path.exists(stale):
@@ -344,15 +346,38 @@ def save_checkpoint(trainer, model, tokenizer, image_processor, training_args) -
         model.generation_config.save_pretrained(training_args.output_dir)
 
 
+REFUSAL_FILE_ENV = "LLAVA_LAUNCH_REFUSAL_FILE"
+
+
+def _refuse(message: str, shared: bool) -> int:
+    """Report a refusal (bad arguments or data); ``shared``: every process refuses alike. Returns the exit status."""
+    message = " ".join(message.split()) or "refused"
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if first or not shared:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    launcher_file = os.environ.get(REFUSAL_FILE_ENV)
+    if launcher_file and (first or not shared):
+        temporary = f"{launcher_file}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(f"2\n{message}\n")
+        os.replace(temporary, launcher_file)
+    if shared and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if shared and launcher_file and "TORCHELASTIC_RUN_ID" in os.environ:
+        return 0  # the launch script reads the file and exits 2: torchrun would print a traceback for a 2
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train; return the exit status: 0 finished, 75 stopped early with a checkpoint (0 under torchrun),
-    2 bad arguments or data."""
+    2 bad arguments or data (0 under torchrun from the launch script when every process refused alike)."""
     try:
         outcome = train(argv)
+    except RunRefused as err:
+        return _refuse(str(err), shared=True)
     except (ValueError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _refuse(str(err), shared=False)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Every rank leaves together: a rank that tears the group down while another still finishes its last
         # collective (the final save, a stop signal's checkpoint) can abort gloo's threads at exit.

@@ -1,5 +1,6 @@
 """``SlowFastTrainer``: the Hugging Face Trainer with per-module learning rates, the modality-length sampler,
-checkpoints marked complete only once fully written, and stopping with a checkpoint on a signal or a time budget."""
+checkpoints marked complete only once fully written, stopping with a checkpoint on a signal or a time budget, and
+DataLoader workers that leave stop signals to their trainer."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoints import checkpoint_problem, rotate_checkpoints, write_completion_marker
+from .checkpoints import checkpoint_problem, rotate_checkpoints, set_aside, write_completion_marker
 from .stopping import StopCallback, StopRequest
+from .worker_signals import shield_workers
 
 logger = logging.getLogger("llava.train")
 
@@ -56,10 +58,15 @@ class SlowFastTrainer(Trainer):
     ``vision_tower_lr``),
     ``group_by_modality_length`` sampling, the choice of loss normalisation (``loss_reduction``), complete-or-
     ignored checkpoints (:mod:`llava.train.checkpoints`) and early stops with a checkpoint
-    (:mod:`llava.train.stopping`, ``stop_request``)."""
+    (:mod:`llava.train.stopping`, ``stop_request``). ``run_record`` (:mod:`llava.train.run_record`) goes into
+    every checkpoint's completion marker."""
 
-    def __init__(self, *args, stop_request: StopRequest | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, stop_request: StopRequest | None = None, run_record: dict | None = None, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.run_record = run_record
+        self._completed_step: int | None = None  # the step of the last checkpoint this run completed
         if stop_request is None:
             stop_request = StopRequest(
                 getattr(self.args, "max_train_hours", None), getattr(self.args, "stop_margin_minutes", 5.0)
@@ -95,6 +102,13 @@ class SlowFastTrainer(Trainer):
             )
         return super()._get_train_sampler(train_dataset)
 
+    def get_train_dataloader(self):
+        # A cluster's stop signal reaches the DataLoader workers too: they ignore it and the trainer decides.
+        return shield_workers(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return shield_workers(super().get_eval_dataloader(eval_dataset))
+
     def _run_epoch(self, *args, **kwargs):
         # A resumed run wraps the data loader to skip the steps already trained, and accelerate's set_epoch
         # does not reach the sampler through that wrapper: without this the resumed epoch would be drawn in
@@ -107,14 +121,24 @@ class SlowFastTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, marked complete once every process has written its part; older
-        checkpoints are rotated out (``save_total_limit``) only after that."""
+        checkpoints are rotated out (``save_total_limit``) only after that. A step whose checkpoint this run has
+        already completed (a stop's save, then the epoch-end save of ``--save_strategy epoch``) is not saved
+        again."""
+        step = self.state.global_step
+        if self._completed_step == step:
+            logger.info("checkpoint-%d is complete already: not saving it again", step)
+            return
         started = time.monotonic()
         run_dir = self._get_output_dir(trial=trial)
-        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        replaced = None
         if self.args.should_save and os.path.isdir(folder):
             problem = checkpoint_problem(folder)
-            logger.warning("replacing %s left by an earlier run (%s)", folder, problem or "complete")
-            shutil.rmtree(folder)
+            if problem:
+                logger.warning("replacing %s left by an earlier run (%s)", folder, problem)
+                shutil.rmtree(folder)
+            else:  # kept until the new one is complete: a complete checkpoint is never deleted for a new one
+                replaced = set_aside(folder, "a complete checkpoint of an earlier run at the step this run saves")
         self.accelerator.wait_for_everyone()
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # the Trainer would rotate before the new checkpoint is complete
@@ -124,10 +148,14 @@ class SlowFastTrainer(Trainer):
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            write_completion_marker(folder, self.state.global_step)
-            rotate_checkpoints(run_dir, limit, protected=[self.state.best_model_checkpoint or ""])
+            write_completion_marker(folder, step, run=self.run_record)
+            rotate_checkpoints(run_dir, limit, protected=[self.state.best_model_checkpoint or ""], just_written=folder)
+            if replaced:
+                logger.info("deleting %s: replaced by the complete %s", replaced, folder)
+                shutil.rmtree(replaced, ignore_errors=True)
         # nobody leaves (and may exit) before the marker is written
         self.accelerator.wait_for_everyone()
+        self._completed_step = step
         self.stop_request.record_save(time.monotonic() - started)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:

@@ -15,8 +15,10 @@
 # (Slurm passes the environment) or in this file.
 # Five minutes before the time limit Slurm sends SIGUSR1 to this script (B:), which forwards it to the training
 # processes: they finish their step, save a complete checkpoint and stop, and the job requeues itself
-# (--requeue, scontrol requeue); the next run resumes from that checkpoint. Preemption (SIGTERM) does the same
-# within the cluster's grace time. Logs of every restart go to the same file (--open-mode=append).
+# (--requeue, scontrol requeue); the next run resumes from that checkpoint. Preemption (SIGTERM, sent to every
+# process of the step: DataLoader workers ignore it, the trainers stop) does the same within the cluster's grace
+# time; a step killed after the signal is requeued too. MAX_RESTARTS_WITHOUT_PROGRESS [3]: requeues in a row
+# allowed without a new complete checkpoint. Logs of every restart go to the same file (--open-mode=append).
 set -euo pipefail
 REPO="${SLURM_SUBMIT_DIR:-$(pwd)}"
 source "$REPO/scripts/launch_train.sh"
