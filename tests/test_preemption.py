@@ -43,17 +43,25 @@ def _record_seen(worker_id: int) -> None:
 
 
 def _load_while_signalled(loader, sig: signal.Signals) -> list[int]:
-    """Iterate ``loader``, sending ``sig`` to each of its workers (this process's children) after the first batch;
-    the values loaded."""
+    """Iterate ``loader``, sending ``sig`` to each of its workers (the children this process started for it) after
+    the first batch; the values loaded. Children that existed before (a pool another test left) are not counted."""
+    before = _children()
     iterator = iter(loader)
-    values = next(iterator).flatten().tolist()
-    workers = [pid for pid in descendants(os.getpid()) if _parent_of(pid) == os.getpid()]
-    assert len(workers) == 2
-    for pid in workers:
-        os.kill(pid, sig)
-    for batch in iterator:
-        values += batch.flatten().tolist()
+    try:
+        values = next(iterator).flatten().tolist()
+        workers = sorted(_children() - before)
+        assert len(workers) == 2, workers
+        for pid in workers:
+            os.kill(pid, sig)
+        for batch in iterator:
+            values += batch.flatten().tolist()
+    finally:
+        del iterator  # shuts its workers down even when an assertion above failed
     return values
+
+
+def _children() -> set[int]:
+    return {pid for pid in descendants(os.getpid()) if _parent_of(pid) == os.getpid()}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
