@@ -163,8 +163,16 @@ class SlowCrossAttention(nn.Module):
         query_mask: torch.Tensor,
         scaling: float,
         attn_implementation: str,
+        slow_segments=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Context ``[B, L, H*D]`` and, with ``attn_implementation="eager"``, the weights ``[B, H, L, S]``."""
+        """Context ``[B, L, H*D]`` and, with ``attn_implementation="eager"``, the weights ``[B, H, L, S]``.
+        ``slow_segments`` (packed rows, :class:`llava.model.packing.SlowSegments`): each sample's queries read only
+        its own slow tokens (no weights are returned)."""
+        if slow_segments is not None:
+            from .packing import packed_cross_attention
+
+            use_flash = attn_implementation == "flash_attention_2"
+            return packed_cross_attention(query, keys, values, slow_segments, scaling, use_flash=use_flash), None
         if attn_implementation == "eager":
             return eager_slow_cross_attention(query, keys, values, key_mask, query_mask, scaling)
         use_flash = attn_implementation == "flash_attention_2"
@@ -248,6 +256,7 @@ class SlowFastAttention(Qwen2Attention):
         slow_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
         slow_token_mask: torch.Tensor | None = None,
         cross_attn_query_mask: torch.Tensor | None = None,
+        slow_segments=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -286,6 +295,7 @@ class SlowFastAttention(Qwen2Attention):
                 cross_attn_query_mask,
                 self.scaling,
                 self.config._attn_implementation,
+                slow_segments,
             )
             crossed = output + self.gate(output) * context.to(output.dtype)
             output = torch.where(cross_attn_query_mask[..., None], crossed, output)
@@ -349,6 +359,7 @@ class SlowFastDecoderLayer(Qwen2DecoderLayer):
         past_key_values=None,
         slow_token_mask: torch.Tensor | None = None,
         cross_attn_query_mask: torch.Tensor | None = None,
+        slow_segments=None,
         **kwargs,
     ) -> torch.Tensor:
         slow_kv = None
@@ -360,5 +371,6 @@ class SlowFastDecoderLayer(Qwen2DecoderLayer):
             slow_key_values=slow_kv,
             slow_token_mask=slow_token_mask,
             cross_attn_query_mask=cross_attn_query_mask if slow_kv is not None else None,
+            slow_segments=slow_segments,
             **kwargs,
         )

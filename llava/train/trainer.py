@@ -95,6 +95,18 @@ class SlowFastTrainer(Trainer):
             )
         return super()._get_train_sampler(train_dataset)
 
+    def get_train_dataloader(self):
+        """The Trainer's loader, or one of planned micro-batches with ``--packing`` / ``--max_tokens_per_batch``
+        (:mod:`llava.train.loader`); DataLoader workers are forked after the parent's objects are frozen."""
+        from .loader import freeze_before_fork, planned_batch_sampler, planned_dataloader
+
+        if self.args.dataloader_num_workers:
+            freeze_before_fork()
+        sampler = planned_batch_sampler(self.train_dataset, self.args)
+        if sampler is None:
+            return super().get_train_dataloader()
+        return self.accelerator.prepare(planned_dataloader(self.train_dataset, sampler, self.data_collator, self.args))
+
     def _run_epoch(self, *args, **kwargs):
         # A resumed run wraps the data loader to skip the steps already trained, and accelerate's set_epoch
         # does not reach the sampler through that wrapper: without this the resumed epoch would be drawn in
