@@ -159,8 +159,8 @@ def packed_query_mask(
 class PackedInputs:
     """A packed micro-batch ready for the decoder: ``inputs_embeds`` ``[B, L, hidden]``, ``position_ids``,
     ``sample_ids`` (0 on padding), ``token_types`` and ``labels`` ``[B, L]``; ``slow_tokens`` ``[B, S, hidden]``,
-    ``slow_token_mask`` ``[B, S]``, ``cross_attn_query_mask`` ``[B, L]`` and ``slow_segments`` (None without visual
-    input); ``attention_kwargs``: what the attention functions need besides (flash-attn's sample boundaries).
+    ``slow_token_mask`` and ``slow_sample_ids`` ``[B, S]``, ``cross_attn_query_mask`` ``[B, L]`` and ``slow_segments``
+    (None without visual input); ``attention_kwargs``: what the attention functions need besides (flash-attn's sample boundaries).
     ``B`` is the number of rows, or 1 when they were flattened for flash-attn."""
 
     inputs_embeds: torch.Tensor
@@ -170,6 +170,7 @@ class PackedInputs:
     labels: torch.Tensor | None
     slow_tokens: torch.Tensor | None
     slow_token_mask: torch.Tensor | None
+    slow_sample_ids: torch.Tensor | None
     cross_attn_query_mask: torch.Tensor | None
     slow_segments: SlowSegments | None
     attention_kwargs: dict
@@ -214,6 +215,14 @@ def prepare_packed_inputs(
     packed_sample_ids = packed_sample_ids.to(device)
     placeholders = int((input_ids == IMAGE_TOKEN_INDEX).sum())
     visual_tokens = model.encode_images(_match_images_to_tokens(images, placeholders)) if placeholders else []
+    blank = None
+    tower = model.get_vision_tower()
+    if not placeholders and model.training and tower is not None:
+        # As the model's dummy visual path does for a text-only batch (the vision parameters get a gradient, zero),
+        # but here before the embeddings, in the order of a batch with visual input: under ZeRO-3 every rank must
+        # gather the same parameters in the same order, whatever its micro-batch holds.
+        size = tower.spec.image_size
+        blank = model.encode_images([torch.zeros(1, 3, size, size, device=tower.device, dtype=tower.dtype)])[0]
     if len(visual_tokens) != placeholders:
         raise ValueError(f"the batch has {placeholders} <image> tokens but {len(visual_tokens)} images/videos were given")
     text_embeds = model.get_input_embeddings()(input_ids.clamp(min=0))
@@ -268,7 +277,12 @@ def prepare_packed_inputs(
     # padding restarts the positions too, so that it forms a sequence of its own, never part of a sample
     position_ids = _restarting_positions(torch.where(sample_ids > 0, sample_ids, -1 - torch.arange(batch, device=device)[:, None]))
     slow_mask = query_mask = segments = None
-    if max_slow:
+    if blank is not None:
+        inputs_embeds = inputs_embeds + 0.0 * blank.fast.sum().to(dtype)
+        slow_tokens = blank.slow.to(dtype)[None].expand(batch, -1, -1)
+        slow_mask = torch.zeros(slow_tokens.shape[:2], dtype=torch.bool, device=device)
+        query_mask = torch.zeros(sample_ids.shape, dtype=torch.bool, device=device)
+    elif max_slow:
         slow_mask = slow_sample > 0
         has_slow = torch.zeros(int(sample_ids.max()) + 1, dtype=torch.bool, device=device)
         has_slow[slow_sample[slow_mask]] = True
@@ -282,6 +296,7 @@ def prepare_packed_inputs(
         labels=new_labels if labels is not None else None,
         slow_tokens=slow_tokens,
         slow_token_mask=slow_mask,
+        slow_sample_ids=slow_sample if max_slow else None,
         cross_attn_query_mask=query_mask,
         slow_segments=segments,
         attention_kwargs=_flash_boundaries(sample_ids) if flatten else {},

@@ -1,0 +1,265 @@
+"""Training data at scale: the memory of 2 ranks x N DataLoader workers over annotation files of 50k and 1M samples,
+today's loader against the annotation store, and the start-up time of each.
+
+Each configuration starts 2 "rank" processes (``benchmarks.data_rank``) together, as torchrun would: each builds
+the training set, computes the lengths and plans the SFT recipe's order (length-grouped by modality), starts
+its DataLoader workers (forked) and lets each load samples and run one full garbage collection (as the workers
+of a long run eventually do), then waits. The parent then reads the proportional set size (PSS, from
+``/proc/<pid>/smaps_rollup``: private pages plus each shared page divided by the processes sharing it) of every
+process of both trees and sums it. The model is not built: only the data pipeline is measured (torch,
+transformers and the tokenizer imported, as in a trainer).
+
+Contenders: ``today``: the loader of commit 40b444f (:class:`benchmarks.data_rank.TodaysDataset`); ``store``: the
+annotation store (:mod:`llava.train.store`), its cached lengths and ``gc.freeze`` before the workers fork, as
+``SlowFastTrainer`` does; ``store_without_freeze``: the same without ``gc.freeze``, to show what each part buys. A contender whose processes together pass ``CAP_GB`` is stopped (it would take the
+shared machine down) and reported as "exceeded". The first ``store`` configuration of each file starts from an
+empty cache (its start-up builds the store and the lengths); the others find them built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .common import BenchResult, Check, Column, RunContext, Table
+from .data_rank import SYNTHETIC_FORMAT, tokenizer_dir, write_annotations
+
+NAME = "data"
+TITLE = "Training data at scale: memory of 2 ranks x DataLoader workers, today's loader vs. the annotation store"
+BUILDS_RELEASED_MODEL = False
+
+
+@dataclass(frozen=True)
+class DataScale:
+    sizes: tuple[int, ...]  # samples per annotation file
+    workers: tuple[int, ...]
+    samples_per_worker: int
+    cap_gb: float  # both ranks' trees together
+    loaders: tuple[str, ...] = ("today", "store_without_freeze", "store")
+
+
+SCALES = {
+    "smoke": DataScale((300,), (0, 1), 4, 4.0, ("today", "store")),
+    "small": DataScale((50_000, 1_000_000), (0, 1, 4, 8), 32, 9.0),
+    "released": DataScale((50_000, 1_000_000), (0, 1, 4, 8), 32, 9.0),
+}
+RANKS = 2
+MAX_LENGTH = 4096
+ADDRESS_SPACE_LIMIT = 24 << 30  # per rank process, a backstop behind the PSS cap
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of one process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from ``/proc/<pid>/task/*/children``)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    todo.extend(int(child) for child in handle.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def _limit_address_space() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
+
+
+def run_ranks(spec: dict, cap_bytes: int, timeout: float = 1800) -> dict:
+    """Start :data:`RANKS` rank processes with ``spec``; return their PSS once all are ready (``total``, ``mains``,
+    ``workers``, ``startup_s``, ``peak``), or ``{"exceeded": peak}`` when together they passed ``cap_bytes``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(Path(__file__).parents[1]))
+    processes, reports = [], [None] * RANKS
+    for rank in range(RANKS):
+        argument = json.dumps(dict(spec, rank=rank, world_size=RANKS))
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.data_rank", argument], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, env=env, start_new_session=True, preexec_fn=_limit_address_space, text=True,
+        ))
+
+    def read(rank: int) -> None:
+        line = processes[rank].stdout.readline()
+        reports[rank] = json.loads(line) if line.strip() else {}
+
+    readers = [threading.Thread(target=read, args=(rank,), daemon=True) for rank in range(RANKS)]
+    for reader in readers:
+        reader.start()
+    peak, started, outcome = 0, time.monotonic(), None
+    try:
+        while any(reader.is_alive() for reader in readers):
+            total = sum(pss_bytes(p) for proc in processes for p in descendants(proc.pid))
+            peak = max(peak, total)
+            if total > cap_bytes:
+                outcome = {"exceeded": peak}
+                return outcome
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"the ranks did not get ready within {timeout:.0f} s")
+            time.sleep(0.25)
+        if any(not report for report in reports):
+            codes = [proc.poll() for proc in processes]
+            raise RuntimeError(f"a rank process failed (exit codes {codes}); run benchmarks.data_rank by hand to see why")
+        mains = [pss_bytes(r["pid"]) for r in reports]
+        workers = [pss_bytes(pid) for r in reports for pid in r["workers"]]
+        total = sum(mains) + sum(workers)
+        outcome = {"total": total, "mains": sum(mains), "workers": sum(workers), "peak": max(peak, total),
+                   "startup_s": max(r["startup_s"] for r in reports)}
+        return outcome
+    finally:
+        for proc in processes:
+            try:
+                if outcome is None or "exceeded" in outcome:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.stdin.close()
+            except (ProcessLookupError, BrokenPipeError, OSError):
+                pass
+        for proc in processes:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _gb(num_bytes: float | None) -> float | None:
+    return None if num_bytes is None else num_bytes / 2**30
+
+
+def run(ctx: RunContext) -> BenchResult:
+    """Measure every (file size, loader, workers) configuration; report PSS, start-up and the targets."""
+    started = time.perf_counter()
+    scale = SCALES[ctx.scale]
+    data_dir = Path(ctx.cache_dir) / f"data-v{SYNTHETIC_FORMAT}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = str(tokenizer_dir(data_dir))
+    cap = int(scale.cap_gb * 2**30)
+    rows, by_key = [], {}
+    for size in scale.sizes:
+        t0 = time.perf_counter()
+        path = write_annotations(data_dir / f"annotations-{size}.json", size)
+        file_bytes = path.stat().st_size
+        ctx.log(f"  {size} samples: {file_bytes / 2**20:.0f} MiB JSON ({time.perf_counter() - t0:.0f} s to write or find)")
+        store_cache = Path(tempfile.mkdtemp(prefix="store-", dir=data_dir))
+        try:
+            for loader in scale.loaders:
+                exceeded = None
+                for workers in scale.workers:
+                    row = dict(samples=size, file_mib=file_bytes / 2**20, loader=loader, workers=workers)
+                    if exceeded is not None:  # more workers only add to it
+                        row.update(status=f"not run (exceeded {scale.cap_gb:g} GB with fewer workers)")
+                        rows.append(row)
+                        continue
+                    spec = dict(loader=loader, data=str(path), cache=str(store_cache), tokenizer=tokenizer,
+                                workers=workers, samples_per_worker=scale.samples_per_worker, max_length=MAX_LENGTH)
+                    result = run_ranks(spec, cap)
+                    if "exceeded" in result:
+                        exceeded = result["exceeded"]
+                        row.update(status=f"exceeded {scale.cap_gb:g} GB (stopped at {_gb(exceeded):.1f} GB)")
+                    else:
+                        row.update(status="ok", total_gb=_gb(result["total"]), mains_gb=_gb(result["mains"]),
+                                   workers_gb=_gb(result["workers"]), peak_gb=_gb(result["peak"]),
+                                   startup_s=result["startup_s"])
+                        by_key[(size, loader, workers)] = row
+                    ctx.log(f"  {size:>8} {loader:5s} x{workers}: {row['status']}"
+                            + (f", {row['total_gb']:.2f} GB, start-up {row['startup_s']:.1f} s" if "total_gb" in row else ""))
+                    rows.append(row)
+        finally:
+            shutil.rmtree(store_cache, ignore_errors=True)
+
+    small, large = scale.sizes[0], scale.sizes[-1]
+    fewest, most = scale.workers[0], scale.workers[-1]
+
+    def total(size, loader, workers):
+        row = by_key.get((size, loader, workers))
+        return row["total_gb"] if row else None
+
+    growth_workers = _ratio(total(large, "store", most), total(large, "store", fewest))
+    grow_size = total(large, "store", most), total(small, "store", most)
+    size_growth_gb = grow_size[0] - grow_size[1] if None not in grow_size else None
+    file_growth_gb = (Path(data_dir / f"annotations-{large}.json").stat().st_size
+                      - Path(data_dir / f"annotations-{small}.json").stat().st_size) / 2**30
+    summary = {
+        "store_total_gb_large_most_workers": total(large, "store", most),
+        "store_total_gb_large_no_workers": total(large, "store", fewest),
+        "store_growth_fewest_to_most_workers": growth_workers,
+        "store_growth_small_to_large_gb": size_growth_gb,
+        "file_growth_small_to_large_gb": file_growth_gb,
+        "store_startup_first_s": by_key.get((large, "store", fewest), {}).get("startup_s"),
+        "store_startup_cached_s": by_key.get((large, "store", most), {}).get("startup_s"),
+        "today_total_gb_small_no_workers": total(small, "today", fewest),
+        "today_total_gb_small_most_workers": total(small, "today", most),
+    }
+    checks = []
+    if growth_workers is not None:
+        checks.append(Check(
+            f"store: total PSS from {fewest} to {most} workers per rank ({large} samples)", growth_workers, 1.10,
+            growth_workers <= 1.10, f"{growth_workers:.3f}x",
+        ))
+    if size_growth_gb is not None:
+        checks.append(Check(
+            f"store: growth from {small} to {large} samples well below the file's growth ({file_growth_gb:.2f} GB)",
+            max(size_growth_gb, 1e-9), 0.25 * file_growth_gb, size_growth_gb <= 0.25 * file_growth_gb,
+            f"{size_growth_gb:.2f} GB",
+        ))
+    columns = [
+        Column("samples", "samples"), Column("file_mib", "file MiB", "{:.0f}"), Column("loader", "loader"),
+        Column("workers", "workers / rank"), Column("total_gb", "total PSS GB", "{:.2f}"),
+        Column("mains_gb", "ranks GB", "{:.2f}"), Column("workers_gb", "workers GB", "{:.2f}"),
+        Column("peak_gb", "peak GB", "{:.2f}"), Column("startup_s", "start-up s", "{:.1f}"), Column("status", "status"),
+    ]
+    notes = [
+        f"{RANKS} rank processes started together, each with 0..{most} forked DataLoader workers; every worker loads "
+        f"{scale.samples_per_worker} samples (tokenised as in training; is_multimodal=False, so no media is opened) "
+        "and runs one full garbage collection; then the PSS of every process is read from /proc/<pid>/smaps_rollup "
+        "and summed. No model is built.",
+        "Synthetic JSON-list files after LLaVA-Video SFT's mix: 60 % video samples (20-400 words), 20 % images "
+        "(20-200), 20 % text only (50-1,500); a tiny BPE tokenizer trained on the words (about a token a word).",
+        "today: the loader of commit 40b444f (whole file parsed into dicts in each rank, lengths by one tokenizer "
+        "call over every turn). store: the annotation store (memory-mapped Arrow, shared through the page cache), "
+        "lengths computed once and memory-mapped, gc.freeze() before the workers fork (store_without_freeze: the "
+        "same without it: a worker's garbage collection then copies the pages of every object it inherited).",
+        f"Start-up: building the training set and its lengths in a rank (the slower of the two). The first store "
+        f"configuration of each file starts from an empty cache (one rank builds, the other waits for it); later "
+        f"ones open what it built. A contender passing {scale.cap_gb:g} GB for both ranks together is stopped.",
+    ]
+    return BenchResult(
+        name=NAME,
+        title=TITLE,
+        device="cpu (data pipeline only)",
+        scale=ctx.scale,
+        setup=dict(sizes=list(scale.sizes), workers=list(scale.workers), ranks=RANKS,
+                   samples_per_worker=scale.samples_per_worker, cap_gb=scale.cap_gb, max_length=MAX_LENGTH),
+        tables=[Table(title="PSS of 2 ranks and their DataLoader workers", columns=columns, rows=rows)],
+        summary=summary,
+        checks=checks,
+        notes=notes,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
