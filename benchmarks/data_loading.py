@@ -50,12 +50,25 @@ class DataScale:
 
 SCALES = {
     "smoke": DataScale((300,), (0, 1), 4, 4.0, ("today", "store")),
-    "small": DataScale((50_000, 1_000_000), (0, 1, 4, 8), 32, 9.0),
-    "released": DataScale((50_000, 1_000_000), (0, 1, 4, 8), 32, 9.0),
+    "small": DataScale((50_000, 1_000_000), (0, 1, 4, 8), 32, 7.0),
+    "released": DataScale((50_000, 1_000_000), (0, 1, 4, 8), 32, 7.0),
 }
 RANKS = 2
 MAX_LENGTH = 4096
 ADDRESS_SPACE_LIMIT = 24 << 30  # per rank process, a backstop behind the PSS cap
+MIN_AVAILABLE = 2 << 30  # the machine's MemAvailable below which a run is stopped, whatever its own size
+
+
+def memory_available() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (a large number where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
 
 
 def pss_bytes(pid: int) -> int:
@@ -113,7 +126,7 @@ def run_ranks(spec: dict, cap_bytes: int, timeout: float = 1800) -> dict:
         while any(reader.is_alive() for reader in readers):
             total = sum(pss_bytes(p) for proc in processes for p in descendants(proc.pid))
             peak = max(peak, total)
-            if total > cap_bytes:
+            if total > cap_bytes or memory_available() < MIN_AVAILABLE:
                 outcome = {"exceeded": peak}
                 return outcome
             if time.monotonic() - started > timeout:
@@ -191,7 +204,7 @@ def start_training(data_dir: Path, tokenizer: str, sources: list[Path], samples:
         while process.poll() is None:
             total = sum(pss_bytes(p) for p in descendants(process.pid))
             peak = max(peak, total)
-            if total > cap_bytes:
+            if total > cap_bytes or memory_available() < MIN_AVAILABLE:
                 return {"exceeded": peak}
             if first_step is None and "'loss'" in (out / "train.log").read_text(errors="replace"):
                 first_step, at_first = time.monotonic() - started, total
