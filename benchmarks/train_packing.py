@@ -139,13 +139,13 @@ def run_packing(ctx: RunContext) -> tuple[Table, dict, list[str]]:
             return total
 
         first_losses[name] = epoch()  # warm-up, creates AdamW's state
-        peak = max(peak_memory(lambda b=b: _step(model, optimizer, b), ctx.device).peak_bytes for b in batches)
+        peak = max(peak_memory(lambda b=b, m=model, o=optimizer: _step(m, o, b), ctx.device).peak_bytes for b in batches)
         seconds = best([time_call(epoch, ctx.device) for _ in range(ctx.repeats)])
         rows.append(dict(
             contender=name, micro_batches=len(batches), samples=len(items), real_tokens=real, positions=padded,
             padding=1 - real / padded, seconds=seconds, real_tokens_per_s=real / seconds, peak_mib=mib(peak),
         ))
-        del model, optimizer
+        model = optimizer = None  # free this contender's copy before the next is built
         ctx.log(f"  {name:8s} {len(batches):3d} micro-batches, padding {100 * (1 - real / padded):4.1f} %, "
                 f"{real / seconds:8.0f} real tok/s, peak {mib(peak):.0f} MiB")
     by = {row["contender"]: row for row in rows}

@@ -23,8 +23,8 @@ from llava.model.packing import SlowSegments, packed_cross_attention, prepare_pa
 from llava.model.slow_fast import SlowFastParams, count_visual_tokens
 from llava.train.collators import DataCollatorForSupervisedDataset, PackedDataCollator
 
-from conftest import Spy, prompt_ids, random_video, tiny_model
-from test_flash_varlen import varlen_attention
+from conftest import Spy, prompt_ids, random_video, tiny_model  # noqa: F401
+from test_flash_varlen import kernel  # noqa: F401  (the fixture: the stand-in for flash-attn's kernel)
 
 PAD = SimpleNamespace(pad_token_id=0)
 LOSS = {"rtol": 1e-5, "atol": 1e-6}
@@ -192,15 +192,6 @@ def test_gradient_checkpointing_keeps_the_packed_loss_and_gradients():
 
 
 # ----------------------------------------------------------------------------- the flash-attn paths
-
-
-@pytest.fixture
-def kernel(monkeypatch) -> Spy:
-    """flash-attn's varlen kernel replaced by a plain-PyTorch stand-in of its contract, allowed on the CPU."""
-    spy = Spy(varlen_attention)
-    monkeypatch.setattr(hybrid_layer, "flash_attn_varlen_func", spy)
-    monkeypatch.setattr(hybrid_layer, "FLASH_DEVICE_TYPES", ("cuda", "cpu"))
-    return spy
 
 
 def test_packed_cross_attention_sends_each_sample_as_one_sequence_to_the_kernel(kernel):

@@ -444,9 +444,7 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         """
         slow_segments = None
         if packed_sample_ids is not None:
-            if input_ids is None or past_key_values is not None:
-                raise ValueError("packed_sample_ids needs input_ids and no cache: packed rows are for training")
-            packed = prepare_packed_inputs(self, input_ids, packed_sample_ids, labels, images)
+            packed = prepare_packed_inputs(self, input_ids, packed_sample_ids, labels, images, past_key_values)
             input_ids, inputs_embeds, attention_mask = None, packed.inputs_embeds, None
             position_ids, labels, use_cache = packed.position_ids, packed.labels, False
             slow_tokens, slow_token_mask = packed.slow_tokens, packed.slow_token_mask

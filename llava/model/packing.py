@@ -25,14 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..constants import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN_INDEX,
-    TOKEN_TYPE_PAD,
-    TOKEN_TYPE_RESPONSE,
-    TOKEN_TYPE_TEXT,
-    TOKEN_TYPE_VISUAL,
-)
+from ..constants import IMAGE_TOKEN_INDEX, TOKEN_TYPE_RESPONSE, TOKEN_TYPE_TEXT, TOKEN_TYPE_VISUAL
 from .configuration_llava_qwen_slow_fast import cross_attn_query_mode
 
 __all__ = ["PackedInputs", "SlowSegments", "packed_cross_attention", "prepare_packed_inputs"]
@@ -200,15 +193,19 @@ def prepare_packed_inputs(
     packed_sample_ids: torch.LongTensor,
     labels: torch.LongTensor | None = None,
     images=None,
+    past_key_values=None,
 ) -> PackedInputs:
     """Merge the fast tokens of packed rows and lay out their samples (see the module's docstring).
 
-    ``model``: a ``LlavaQwenSlowFastForCausalLM`` (its vision path, embeddings and config). The vision tower runs
-    before the embeddings, as in ``prepare_multimodal_inputs`` (under ZeRO-3 every rank gathers the parameters in
-    the same order).
+    ``model``: a ``LlavaQwenSlowFastForCausalLM``; its ``prepare_multimodal_inputs`` merges the fast tokens row by
+    row (each ``<image>`` in row order takes the next visual item, so each sample's go to its own placeholder), and
+    this function adds whose every merged position and slow token is. The vision tower runs before the embeddings,
+    as in ``prepare_multimodal_inputs`` (under ZeRO-3 every rank gathers the parameters in the same order).
     """
     from .modeling_llava_qwen_slow_fast import _match_images_to_tokens
 
+    if input_ids is None or past_key_values is not None:
+        raise ValueError("packed_sample_ids needs input_ids and no cache: packed rows are for training")
     if input_ids.shape != packed_sample_ids.shape:
         raise ValueError(f"packed_sample_ids {tuple(packed_sample_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
     device = input_ids.device
@@ -223,81 +220,68 @@ def prepare_packed_inputs(
         # gather the same parameters in the same order, whatever its micro-batch holds.
         size = tower.spec.image_size
         blank = model.encode_images([torch.zeros(1, 3, size, size, device=tower.device, dtype=tower.dtype)])[0]
-    if len(visual_tokens) != placeholders:
-        raise ValueError(f"the batch has {placeholders} <image> tokens but {len(visual_tokens)} images/videos were given")
-    text_embeds = model.get_input_embeddings()(input_ids.clamp(min=0))
-    dtype, hidden = text_embeds.dtype, text_embeds.shape[-1]
-    visual = iter(visual_tokens)
-    rows = []  # (embeds, labels, types, sample ids, slow, slow sample ids)
-    for b in range(input_ids.shape[0]):
-        keep = packed_sample_ids[b] > 0
-        ids, embeds, owner = input_ids[b][keep], text_embeds[b][keep], packed_sample_ids[b][keep]
-        lab = labels[b][keep] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
-        types = torch.where(lab == IGNORE_INDEX, TOKEN_TYPE_TEXT, TOKEN_TYPE_RESPONSE)
-        parts: list[list[torch.Tensor]] = [[], [], [], []]
-        slows, slow_owner = [], []
-        start = 0
-        for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist() + [ids.shape[0]]:
-            for part, piece in zip(parts, (embeds, lab, types, owner)):
-                part.append(piece[start:pos])
-            if pos < ids.shape[0]:
-                tokens = next(visual)
-                fast = tokens.fast.to(dtype)
-                n = fast.shape[0]
-                for part, piece in zip(parts, (fast, lab.new_full((n,), IGNORE_INDEX), types.new_full((n,), TOKEN_TYPE_VISUAL),
-                                               owner.new_full((n,), int(owner[pos])))):
-                    part.append(piece)
-                slows.append(tokens.slow.to(dtype))
-                slow_owner.append(owner.new_full((tokens.slow.shape[0],), int(owner[pos])))
-            start = pos + 1
-        merged = [torch.cat(part) for part in parts]
-        rows.append((*merged, torch.cat(slows) if slows else None, torch.cat(slow_owner) if slow_owner else None))
-
+    mm = model.prepare_multimodal_inputs(
+        input_ids, packed_sample_ids > 0, labels, visual_tokens=visual_tokens, padding_side="right"
+    )
+    owners, slow_owners = _owners(input_ids, packed_sample_ids, visual_tokens)
+    inputs_embeds, labels, token_types = mm.inputs_embeds, mm.labels, mm.token_types
+    slow_tokens = mm.slow_tokens
     flatten = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
-    if flatten and len(rows) > 1:  # one row without padding: flash-attn's varlen kernel takes the sample boundaries
-        columns = list(zip(*rows))
-        slows, owners = [c for c in columns[4] if c is not None], [c for c in columns[5] if c is not None]
-        rows = [(*(torch.cat(c) for c in columns[:4]), torch.cat(slows) if slows else None,
-                 torch.cat(owners) if owners else None)]
-    batch = len(rows)
-    width = max(r[0].shape[0] for r in rows)
-    inputs_embeds = text_embeds.new_zeros(batch, width, hidden)
-    new_labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long, device=device)
-    token_types = torch.full((batch, width), TOKEN_TYPE_PAD, dtype=torch.long, device=device)
-    sample_ids = torch.zeros(batch, width, dtype=torch.long, device=device)
-    max_slow = max((r[4].shape[0] for r in rows if r[4] is not None), default=0)
-    slow_tokens = text_embeds.new_zeros(batch, max_slow, hidden) if max_slow else None
-    slow_sample = torch.zeros(batch, max_slow, dtype=torch.long, device=device)
-    for b, (embeds, lab, types, owner, slow, slow_owner) in enumerate(rows):
-        n = embeds.shape[0]
-        inputs_embeds[b, :n], new_labels[b, :n], token_types[b, :n], sample_ids[b, :n] = embeds, lab, types, owner
-        if slow is not None:
-            slow_tokens[b, : slow.shape[0]] = slow
-            slow_sample[b, : slow.shape[0]] = slow_owner
+    if flatten and input_ids.shape[0] > 1:  # one row without padding: flash-attn's varlen kernel takes the boundaries
+        real, slow_real = mm.attention_mask.bool(), slow_owners > 0
+        inputs_embeds, token_types = inputs_embeds[real][None], token_types[real][None]
+        labels = labels[real][None] if labels is not None else None
+        owners = owners[real][None]
+        if slow_tokens is not None:
+            slow_tokens, slow_owners = slow_tokens[slow_real][None], slow_owners[slow_real][None]
+    batch = owners.shape[0]
     # padding restarts the positions too, so that it forms a sequence of its own, never part of a sample
-    position_ids = _restarting_positions(torch.where(sample_ids > 0, sample_ids, -1 - torch.arange(batch, device=device)[:, None]))
+    position_ids = _restarting_positions(torch.where(owners > 0, owners, -1 - torch.arange(batch, device=device)[:, None]))
     slow_mask = query_mask = segments = None
     if blank is not None:
-        inputs_embeds = inputs_embeds + 0.0 * blank.fast.sum().to(dtype)
-        slow_tokens = blank.slow.to(dtype)[None].expand(batch, -1, -1)
+        inputs_embeds = inputs_embeds + 0.0 * blank.fast.sum().to(inputs_embeds.dtype)
+        slow_tokens = blank.slow.to(inputs_embeds.dtype)[None].expand(batch, -1, -1)
         slow_mask = torch.zeros(slow_tokens.shape[:2], dtype=torch.bool, device=device)
-        query_mask = torch.zeros(sample_ids.shape, dtype=torch.bool, device=device)
-    elif max_slow:
-        slow_mask = slow_sample > 0
-        has_slow = torch.zeros(int(sample_ids.max()) + 1, dtype=torch.bool, device=device)
-        has_slow[slow_sample[slow_mask]] = True
-        query_mask = packed_query_mask(token_types, sample_ids, has_slow, model.config.cross_attn_implementation)
-        segments = SlowSegments.build(query_mask, sample_ids, slow_mask, slow_sample)
+        query_mask = torch.zeros(owners.shape, dtype=torch.bool, device=device)
+    elif slow_tokens is not None:
+        slow_mask = slow_owners > 0
+        has_slow = torch.zeros(int(owners.max()) + 1, dtype=torch.bool, device=device)
+        has_slow[slow_owners[slow_mask]] = True
+        query_mask = packed_query_mask(token_types, owners, has_slow, model.config.cross_attn_implementation)
+        segments = SlowSegments.build(query_mask, owners, slow_mask, slow_owners)
     return PackedInputs(
         inputs_embeds=inputs_embeds,
         position_ids=position_ids,
-        sample_ids=sample_ids,
+        sample_ids=owners,
         token_types=token_types,
-        labels=new_labels if labels is not None else None,
+        labels=labels,
         slow_tokens=slow_tokens,
         slow_token_mask=slow_mask,
-        slow_sample_ids=slow_sample if max_slow else None,
+        slow_sample_ids=slow_owners if segments is not None else None,
         cross_attn_query_mask=query_mask,
         slow_segments=segments,
-        attention_kwargs=_flash_boundaries(sample_ids) if flatten else {},
+        attention_kwargs=_flash_boundaries(owners) if flatten else {},
     )
+
+
+def _owners(input_ids: torch.Tensor, sample_ids: torch.Tensor, visual_tokens: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sample of every merged position ``[B, L']`` and of every slow token ``[B, S]`` (0: padding), laid out as
+    ``prepare_multimodal_inputs`` lays out the rows (right-padded; each ``<image>`` becomes its item's fast tokens,
+    a row's slow tokens are its items' end to end)."""
+    device = input_ids.device
+    visual = iter(visual_tokens)
+    merged, slow = [], []
+    for ids, owner in zip(input_ids, sample_ids):
+        keep = owner > 0
+        ids, owner = ids[keep], owner[keep]
+        repeats = torch.ones_like(ids)
+        row_slow = []
+        for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist():
+            tokens = next(visual)
+            repeats[pos] = tokens.fast.shape[0]
+            row_slow.append(owner.new_full((tokens.slow.shape[0],), int(owner[pos])))
+        merged.append(owner.repeat_interleave(repeats))
+        slow.append(torch.cat(row_slow) if row_slow else owner.new_zeros(0))
+    pad = torch.nn.utils.rnn.pad_sequence
+    return (pad(merged, batch_first=True).to(device),
+            pad(slow, batch_first=True).to(device) if any(len(s) for s in slow) else torch.zeros(len(slow), 0, dtype=torch.long, device=device))

@@ -133,7 +133,10 @@ class TrainingArguments(transformers.TrainingArguments):
             "checkpoints and learning rates were obtained this way; with one sample per micro-batch (the SFT "
             "recipe) a one-letter answer weighs as much as a long caption. 'token': the mean over every "
             "supervised token of all accumulation steps and devices (transformers 5's default), which weighs "
-            "samples by their number of supervised tokens."
+            "samples by their number of supervised tokens. With --packing a micro-batch is one device's packed "
+            "row(s) of one accumulation step: 'micro_batch' then averages over the supervised tokens of every sample "
+            "packed in it (what an unpacked micro-batch of the same samples gives), so within a row samples weigh by "
+            "their supervised tokens; 'token' is the same with or without packing."
         },
     )
 
