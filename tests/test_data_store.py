@@ -294,3 +294,21 @@ def test_dataset_lengths_count_the_fast_and_slow_tokens_of_the_configured_frames
     assert sizes.positions.tolist() == [text[0] + 1, text[1] + 1, text[2] + 3, text[3]]
     assert sizes.slow.tolist() == [8, 8, 4, 0] and sizes.visual.tolist() == [True, True, True, False]
     assert dataset.modality_lengths.tolist() == [text[0] + 1, text[1] + 1, text[2] + 3, -text[3]]
+
+
+def test_a_store_another_host_finished_first_is_kept_and_ours_discarded(tmp_path):
+    # the lock is per host: on a shared file system another node may rename its complete build in first
+    final = str(tmp_path / "annotations-x")
+
+    def build(tmp: str, marker: str) -> None:
+        os.makedirs(tmp)
+        Path(tmp, "data").write_text(marker)
+        store.write_manifest(tmp, {})
+
+    def racing_build(tmp: str) -> None:
+        build(final, "theirs")  # the other host's store appears while ours is being written
+        build(tmp, "ours")
+
+    assert store.publish(final, racing_build, "test") == final
+    assert Path(final, "data").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotations-x", "annotations-x.lock"]

@@ -164,11 +164,19 @@ def publish(final: str, build: Callable[[str], None], describe: str) -> str:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if read_manifest(final) is not None:  # another host built it meanwhile (a lock not shared across hosts)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
         if os.path.lexists(final):  # damaged or of another format: replaced
-            stale = f"{final}.stale-{os.getpid()}"
+            stale = f"{final}.stale-{socket.gethostname()}-{os.getpid()}"
             os.rename(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if read_manifest(final) is None:
+                raise
     return final
 
 
