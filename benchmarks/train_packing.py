@@ -47,7 +47,7 @@ class Mix:
 
 MIXES = {
     "smoke": Mix(2, 1, 1, 8, 512, 512),
-    "small": Mix(7, 2, 3, 64, 2048, 2048),
+    "small": Mix(5, 2, 3, 64, 2048, 2048),
     "released": Mix(14, 5, 5, 64, 4096, 8192),
 }
 
@@ -114,6 +114,7 @@ def run_packing(ctx: RunContext) -> tuple[Table, dict, list[str]]:
     collate = {"batch 1": DataCollatorForSupervisedDataset(pad), "batch 4": DataCollatorForSupervisedDataset(pad),
                "packed": PackedDataCollator(pad, mix.max_packed_length)}
     freeze_tower = ctx.scale == "released"
+    repeats = ctx.repeats if on_gpu else min(ctx.repeats, 2)  # a CPU pass over 64-frame videos takes a while
     real = sum(item["num_positions"] for item in items)
     rows, first_losses = [], {}
     for name, plan in plans.items():
@@ -140,7 +141,7 @@ def run_packing(ctx: RunContext) -> tuple[Table, dict, list[str]]:
 
         first_losses[name] = epoch()  # warm-up, creates AdamW's state
         peak = max(peak_memory(lambda b=b, m=model, o=optimizer: _step(m, o, b), ctx.device).peak_bytes for b in batches)
-        seconds = best([time_call(epoch, ctx.device) for _ in range(ctx.repeats)])
+        seconds = best([time_call(epoch, ctx.device) for _ in range(repeats)])
         rows.append(dict(
             contender=name, micro_batches=len(batches), samples=len(items), real_tokens=real, positions=padded,
             padding=1 - real / padded, seconds=seconds, real_tokens_per_s=real / seconds, peak_mib=mib(peak),
@@ -169,7 +170,7 @@ def run_packing(ctx: RunContext) -> tuple[Table, dict, list[str]]:
         + (" (frozen: the 0.5 B-parameter LM trains, the tower only encodes)" if freeze_tower else "")
         + f"; attention {attention}; {ctx.dtype_name} on {ctx.device_name}. packed: rows of {mix.max_packed_length} "
         f"positions; batch 4: modality- and length-grouped order. One pass over the samples per timing "
-        f"(forward, backward, AdamW per micro-batch), best of {ctx.repeats} after a warm-up pass.",
+        f"(forward, backward, AdamW per micro-batch), best of {repeats} after a warm-up pass.",
         "Peak memory: the largest micro-batch's step, above the weights and AdamW state. On a CPU the vision tower's "
         "work, which packing does not change, is most of a step's time; on a GPU the language model's share and the "
         "idle capacity of small micro-batches are larger (scripts/check_gpu.sh runs this at the released shape).",

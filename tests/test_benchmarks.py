@@ -45,6 +45,7 @@ HEADLINES = {
     "data": [
         "store_total_gb_large_most_workers",
         "store_growth_fewest_to_most_workers",
+        "store_growth_to_8_worker_processes",
         "store_startup_first_s",
         "today_total_gb_small_no_workers",
     ],
