@@ -312,3 +312,13 @@ def test_a_store_another_host_finished_first_is_kept_and_ours_discarded(tmp_path
     assert store.publish(final, racing_build, "test") == final
     assert Path(final, "data").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["annotations-x", "annotations-x.lock"]
+
+
+def test_a_skipped_sample_is_logged_with_its_annotation_file_and_line(tmp_path, tokenizer, caplog):
+    samples = [{"conversations": QA}, {"video": str(tmp_path / "gone.mp4"), "conversations": QA}, {"conversations": QA}]
+    path = _write(tmp_path / "a.jsonl", samples, jsonl=True)
+    dataset = LazySupervisedDataset(str(path), tokenizer, build_image_processor(64), DataArguments(data_path=str(path)),
+                                    _config())
+    with caplog.at_level(logging.WARNING, logger="llava.train.data"):
+        assert dataset[1]["index"] == 2
+    assert f"skipping sample index 1 (video '{tmp_path / 'gone.mp4'}', {path}: line 2)" in caplog.text

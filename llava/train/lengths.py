@@ -22,7 +22,7 @@ import numpy as np
 
 from llava.model.slow_fast import SlowFastParams, count_visual_tokens
 
-from .store import MODALITY_CODES, AnnotationStore, store_key
+from .store import MODALITY_CODES, AnnotationStore, publish, read_manifest, store_key, write_manifest
 from .template import DEFAULT_SYSTEM_MESSAGE, count_prompt_ids
 
 logger = logging.getLogger("llava.train.data")
@@ -65,8 +65,6 @@ def store_text_ids(
 
     ``is_multimodal=False`` counts visual samples as text (markers removed), as the dataset then treats them.
     """
-    from .store import publish, read_manifest, write_manifest
-
     key = store_key(
         "text_ids", LENGTHS_FORMAT, tokenizer_fingerprint(tokenizer), DEFAULT_SYSTEM_MESSAGE, is_multimodal, time_instruction
     )
