@@ -95,7 +95,7 @@ def store_text_ids(
 
 @dataclass(frozen=True)
 class SampleLengths:
-    """Per-sample lengths of a training set, ``[N]`` arrays.
+    """Per-sample lengths of a training set, ``[N]`` arrays (int32, bool).
 
     ``positions``: what the sample takes in the language model (text ids, with ``<image>`` replaced by the fast
     tokens), capped at ``max_length`` as truncation will; ``slow``: its slow tokens (0 for text only);
@@ -125,7 +125,8 @@ class SampleLengths:
         codes = np.asarray(modality, dtype=np.int64)
         visual = codes != MODALITY_CODES["text"]
         positions = np.asarray(text_ids, dtype=np.int64) + np.where(visual, fast[codes] - 1, 0)
-        return cls(np.minimum(positions, max_length), slow[codes], visual)
+        # int32: a million samples are 4 MB an array in every rank
+        return cls(np.minimum(positions, max_length).astype(np.int32), slow[codes].astype(np.int32), visual)
 
     def signed(self) -> np.ndarray:
         """``positions``, negative for text-only samples (the length-grouped sampler's convention)."""

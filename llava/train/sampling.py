@@ -55,11 +55,36 @@ def _check_grouping_args(lengths: np.ndarray, batch_size: int, world_size: int) 
 
 def _sorted_megabatches(
     indices: np.ndarray, lengths: np.ndarray, size: int, generator: torch.Generator | None
-) -> list[np.ndarray]:
-    """Shuffle ``indices``, cut them into chunks of ``size`` and sort each chunk by length, longest first."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle ``indices``, cut them into chunks of ``size`` and sort each chunk by length, longest first (a stable
+    sort, as a per-chunk ``sorted`` would). Returns the full chunks ``[n, size]`` and the partial last one."""
     shuffled = indices[torch.randperm(len(indices), generator=generator).numpy()]
-    chunks = [shuffled[k : k + size] for k in range(0, len(shuffled), size)]
-    return [chunk[np.argsort(-np.abs(lengths[chunk]), kind="stable")] for chunk in chunks]
+    chunk = np.arange(len(shuffled)) // size
+    ordered = shuffled[np.lexsort((-np.abs(lengths[shuffled]), chunk))]
+    full = len(ordered) // size * size
+    return ordered[:full].reshape(-1, size), ordered[full:]
+
+
+def _length_grouped(lengths: np.ndarray, batch_size: int, world_size: int, generator: torch.Generator | None) -> np.ndarray:
+    _check_grouping_args(lengths, batch_size, world_size)
+    full, partial = _sorted_megabatches(np.arange(len(lengths)), lengths, batch_size * world_size, generator)
+    return np.concatenate([full.ravel(), partial])
+
+
+def _modality_length_grouped(
+    lengths: np.ndarray, batch_size: int, world_size: int, generator: torch.Generator | None
+) -> np.ndarray:
+    _check_grouping_args(lengths, batch_size, world_size)
+    visual, text = np.flatnonzero(lengths > 0), np.flatnonzero(lengths < 0)
+    if not len(visual) or not len(text):
+        return _length_grouped(lengths, batch_size, world_size, generator)
+    size = batch_size * world_size
+    (full_visual, partial_visual), (full_text, partial_text) = (
+        _sorted_megabatches(group, lengths, size, generator) for group in (visual, text)
+    )
+    full = np.concatenate([full_visual, full_text])
+    order = torch.randperm(len(full), generator=generator).numpy()
+    return np.concatenate([full[order].ravel(), partial_visual, partial_text])
 
 
 def get_length_grouped_indices(
@@ -67,10 +92,7 @@ def get_length_grouped_indices(
 ) -> list[int]:
     """A permutation of ``range(len(lengths))``: shuffled, then sorted by ``|length|`` (longest first)
     within each mega-batch of ``batch_size * world_size`` consecutive positions."""
-    lengths = np.asarray(lengths)
-    _check_grouping_args(lengths, batch_size, world_size)
-    chunks = _sorted_megabatches(np.arange(len(lengths)), lengths, batch_size * world_size, generator)
-    return np.concatenate(chunks).tolist() if chunks else []
+    return _length_grouped(np.asarray(lengths), batch_size, world_size, generator).tolist()
 
 
 def get_modality_length_grouped_indices(
@@ -84,19 +106,7 @@ def get_modality_length_grouped_indices(
     then text-only) come last, so modalities can only meet in those trailing leftovers. With a single
     modality this is :func:`get_length_grouped_indices`.
     """
-    lengths = np.asarray(lengths)
-    _check_grouping_args(lengths, batch_size, world_size)
-    visual, text = np.flatnonzero(lengths > 0), np.flatnonzero(lengths < 0)
-    if not len(visual) or not len(text):
-        return get_length_grouped_indices(lengths, batch_size, world_size, generator)
-
-    size = batch_size * world_size
-    full, partial = [], []
-    for group in (visual, text):
-        for chunk in _sorted_megabatches(group, lengths, size, generator):
-            (full if len(chunk) == size else partial).append(chunk)
-    order = torch.randperm(len(full), generator=generator).tolist()
-    return np.concatenate([full[k] for k in order] + partial).tolist()
+    return _modality_length_grouped(np.asarray(lengths), batch_size, world_size, generator).tolist()
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -131,7 +141,9 @@ class LengthGroupedSampler(Sampler[int]):
             raise ValueError("LengthGroupedSampler needs lengths (e.g. dataset.modality_lengths)")
         if seed is not None and generator is not None:
             raise ValueError("LengthGroupedSampler takes a seed or a generator, not both")
-        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.lengths = np.asarray(lengths)
+        if not np.issubdtype(self.lengths.dtype, np.integer):
+            self.lengths = self.lengths.astype(np.int64)
         _check_grouping_args(self.lengths, batch_size, world_size)
         self.batch_size = batch_size
         self.world_size = world_size
@@ -148,11 +160,12 @@ class LengthGroupedSampler(Sampler[int]):
         return len(self.lengths)
 
     def __iter__(self):
-        grouping = get_modality_length_grouped_indices if self.group_by_modality else get_length_grouped_indices
+        grouping = _modality_length_grouped if self.group_by_modality else _length_grouped
         generator = self.generator
         if self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(grouping(self.lengths, self.batch_size, self.world_size, generator))
+        order = grouping(self.lengths, self.batch_size, self.world_size, generator)
+        return (int(i) for i in order)  # one index at a time: no list of a million Python ints
 
 
 # --------------------------------------------------------------------------------------------
