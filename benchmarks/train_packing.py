@@ -2,10 +2,10 @@
 and peak memory (part of the ``train`` benchmark).
 
 One set of samples (64-frame videos with 20-400 text tokens, images, text-only samples of 50-1,500 tokens) is
-trained once through, forward, backward and AdamW step per micro-batch, by each contender, each with its own copy
-of the same model:
+trained once through by each contender (forward and backward per micro-batch, one AdamW step for the whole pass, so
+that every contender does the same optimiser work), each with its own copy of the same model:
 
-* ``batch 1``: one sample per micro-batch, the SFT recipe (no padding; every sample its own step);
+* ``batch 1``: one sample per micro-batch, the SFT recipe (no padding);
 * ``batch 4``: four samples per micro-batch in the length-grouped, modality-grouped order of
   ``--group_by_modality_length``, padded to the longest;
 * ``packed``: ``--packing``: rows of at most ``max_packed_length`` positions planned from the lengths, one row a
@@ -130,17 +130,19 @@ def run_packing(ctx: RunContext) -> tuple[Table, dict, list[str]]:
         padded = sum(_positions(model, batch) for batch in batches)
 
         def epoch(model=model, optimizer=optimizer, batches=batches) -> float:
+            # forward and backward per micro-batch, one AdamW step for the pass: every contender does the same
+            # optimiser work, so the comparison is the forward and backward of each batching
             total = 0.0
             for batch in batches:
                 loss = model(**batch, use_cache=False).loss
                 loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 total += loss.detach().float().item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             return total
 
         first_losses[name] = epoch()  # warm-up, creates AdamW's state
-        peak = max(peak_memory(lambda b=b, m=model, o=optimizer: _step(m, o, b), ctx.device).peak_bytes for b in batches)
+        peak = max(peak_memory(lambda b=b, m=model: _step(m, b), ctx.device).peak_bytes for b in batches)
         seconds = best([time_call(epoch, ctx.device) for _ in range(repeats)])
         rows.append(dict(
             contender=name, micro_batches=len(batches), samples=len(items), real_tokens=real, positions=padded,
@@ -169,9 +171,9 @@ def run_packing(ctx: RunContext) -> tuple[Table, dict, list[str]]:
         f"dims {list(vision.dims)} at {vision.image_size} px"
         + (" (frozen: the 0.5 B-parameter LM trains, the tower only encodes)" if freeze_tower else "")
         + f"; attention {attention}; {ctx.dtype_name} on {ctx.device_name}. packed: rows of {mix.max_packed_length} "
-        f"positions; batch 4: modality- and length-grouped order. One pass over the samples per timing "
-        f"(forward, backward, AdamW per micro-batch), best of {repeats} after a warm-up pass.",
-        "Peak memory: the largest micro-batch's step, above the weights and AdamW state. On a CPU the vision tower's "
+        f"positions; batch 4: modality- and length-grouped order. One pass over the samples per timing (forward and "
+        f"backward per micro-batch, one AdamW step per pass), best of {repeats} after a warm-up pass.",
+        "Peak memory: the largest micro-batch's forward and backward, above the weights and AdamW state. On a CPU the vision tower's "
         "work, which packing does not change, is most of a step's time; on a GPU the language model's share and the "
         "idle capacity of small micro-batches are larger (scripts/check_gpu.sh runs this at the released shape).",
     ]
@@ -214,8 +216,7 @@ def _positions(model, batch: dict) -> int:
     return len(rows) * max(rows)
 
 
-def _step(model, optimizer, batch) -> None:
-    loss = model(**batch, use_cache=False).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def _step(model, batch) -> None:
+    """Forward and backward of one micro-batch; its gradients are then dropped."""
+    model(**batch, use_cache=False).loss.backward()
+    model.zero_grad(set_to_none=True)
