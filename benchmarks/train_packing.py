@@ -30,7 +30,19 @@ from llava.model.slow_fast import count_visual_tokens
 from llava.train.collators import DataCollatorForSupervisedDataset, PackedDataCollator
 from llava.train.sampling import PlannedBatchSampler, get_modality_length_grouped_indices
 
-from .common import LM_SHAPES, VISION_SHAPES, Column, RunContext, Table, best, build_model, make_config, mib, peak_memory, time_call
+from .common import (
+    LM_SHAPES,
+    VISION_SHAPES,
+    Column,
+    RunContext,
+    Table,
+    best,
+    build_model,
+    make_config,
+    mib,
+    peak_memory,
+    time_contenders,
+)
 
 
 @dataclass(frozen=True)
@@ -116,7 +128,7 @@ def run_packing(ctx: RunContext) -> tuple[Table, dict, list[str]]:
     freeze_tower = ctx.scale == "released"
     repeats = ctx.repeats if on_gpu else min(ctx.repeats, 2)  # a CPU pass over 64-frame videos takes a while
     real = sum(item["num_positions"] for item in items)
-    rows, first_losses = [], {}
+    epochs, padded, peaks, first_losses = {}, {}, {}, {}
     for name, plan in plans.items():
         model = build_model(config, ctx.device, ctx.dtype).train()
         model.config._attn_implementation = attention
@@ -127,7 +139,7 @@ def run_packing(ctx: RunContext) -> tuple[Table, dict, list[str]]:
         for indices in plan:
             batch = collate[name]([items[k] for k in indices])
             batches.append({k: _to(v, ctx.device, ctx.dtype) for k, v in batch.items()})
-        padded = sum(_positions(model, batch) for batch in batches)
+        padded[name] = sum(_positions(model, batch) for batch in batches)
 
         def epoch(model=model, optimizer=optimizer, batches=batches) -> float:
             # forward and backward per micro-batch, one AdamW step for the pass: every contender does the same
@@ -142,15 +154,20 @@ def run_packing(ctx: RunContext) -> tuple[Table, dict, list[str]]:
             return total
 
         first_losses[name] = epoch()  # warm-up, creates AdamW's state
-        peak = max(peak_memory(lambda b=b, m=model: _step(m, b), ctx.device).peak_bytes for b in batches)
-        seconds = best([time_call(epoch, ctx.device) for _ in range(repeats)])
+        peaks[name] = max(peak_memory(lambda b=b, m=model: _step(m, b), ctx.device).peak_bytes for b in batches)
+        epochs[name] = epoch
+    # interleaved (A B C A B C ...), so that the machine's load drifts over every contender alike
+    times = time_contenders(epochs, repeats, ctx.device, warmup=0)
+    rows = []
+    for name, plan in plans.items():
+        seconds = best(times[name])
         rows.append(dict(
-            contender=name, micro_batches=len(batches), samples=len(items), real_tokens=real, positions=padded,
-            padding=1 - real / padded, seconds=seconds, real_tokens_per_s=real / seconds, peak_mib=mib(peak),
+            contender=name, micro_batches=len(plan), samples=len(items), real_tokens=real, positions=padded[name],
+            padding=1 - real / padded[name], seconds=seconds, real_tokens_per_s=real / seconds,
+            peak_mib=mib(peaks[name]),
         ))
-        model = optimizer = None  # free this contender's copy before the next is built
-        ctx.log(f"  {name:8s} {len(batches):3d} micro-batches, padding {100 * (1 - real / padded):4.1f} %, "
-                f"{real / seconds:8.0f} real tok/s, peak {mib(peak):.0f} MiB")
+        ctx.log(f"  {name:8s} {len(plan):3d} micro-batches, padding {100 * (1 - real / padded[name]):4.1f} %, "
+                f"{real / seconds:8.0f} real tok/s, peak {mib(peaks[name]):.0f} MiB")
     by = {row["contender"]: row for row in rows}
     summary = {
         "packed_real_tokens_per_s": by["packed"]["real_tokens_per_s"],
@@ -172,7 +189,8 @@ def run_packing(ctx: RunContext) -> tuple[Table, dict, list[str]]:
         + (" (frozen: the 0.5 B-parameter LM trains, the tower only encodes)" if freeze_tower else "")
         + f"; attention {attention}; {ctx.dtype_name} on {ctx.device_name}. packed: rows of {mix.max_packed_length} "
         f"positions; batch 4: modality- and length-grouped order. One pass over the samples per timing (forward and "
-        f"backward per micro-batch, one AdamW step per pass), best of {repeats} after a warm-up pass.",
+        f"backward per micro-batch, one AdamW step per pass), the contenders interleaved, best of {repeats} after a "
+        f"warm-up pass.",
         "Peak memory: the largest micro-batch's forward and backward, above the weights and AdamW state. On a CPU the vision tower's "
         "work, which packing does not change, is most of a step's time; on a GPU the language model's share and the "
         "idle capacity of small micro-batches are larger (scripts/check_gpu.sh runs this at the released shape).",
