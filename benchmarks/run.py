@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from . import decode, prefill, serve, train_step, video_decode, vision
+from . import data_loading, decode, prefill, serve, train_step, video_decode, vision
 from .common import BenchResult, RunContext
 from .report import write_results
 
@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     vision.NAME: vision,
     video_decode.NAME: video_decode,
     train_step.NAME: train_step,
+    data_loading.NAME: data_loading,
     serve.NAME: serve,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"

@@ -1,5 +1,6 @@
 """Training step: tokens per second and peak memory of a small model's step (forward, backward, AdamW) on video
-input, without and with gradient checkpointing.
+input, without and with gradient checkpointing; then packed against unpacked training on a length mix like
+LLaVA-Video SFT's (:mod:`benchmarks.train_packing`).
 
 Contenders, each its own copy of the same randomly initialised model and its own AdamW, on the same batch:
 
@@ -45,9 +46,10 @@ from .common import (
     time_contenders,
     timing_rule,
 )
+from .train_packing import run_packing
 
 NAME = "train"
-TITLE = "Training step: gradient checkpointing off vs. on"
+TITLE = "Training step: gradient checkpointing off vs. on; packed vs. unpacked on the SFT length mix"
 BUILDS_RELEASED_MODEL = False  # the small model at every scale but smoke
 
 
@@ -209,6 +211,10 @@ def run(ctx: RunContext) -> BenchResult:
     ]
     if ctx.scale == "released":
         notes.append("--released-shape keeps the small model here: the 8.5 B model needs ZeRO-3 over several GPUs.")
+    del models, steps
+    packing_table, packing_summary, packing_notes = run_packing(ctx)
+    summary.update(packing_summary)
+    notes += packing_notes
     return BenchResult(
         name=NAME,
         title=TITLE,
@@ -238,7 +244,8 @@ def run(ctx: RunContext) -> BenchResult:
                     Column("time_vs_none", "time vs. off", "{:.2f}x"),
                 ],
                 rows=rows,
-            )
+            ),
+            packing_table,
         ],
         summary=summary,
         notes=notes,

@@ -243,6 +243,28 @@ note "python -m benchmarks ${BENCH_ARGS[*]}: ${STEP_SECONDS} s; tables above, fr
 say ""
 tee -a "$LOG" <"$OUT_DIR/benchmarks/results.md"
 
+# ==== packed training  ===================================================================================
+# Packed against unpacked training on a length mix like LLaVA-Video SFT's (benchmarks/train_packing.py), at the
+# released shape: a Qwen2-0.5B-shaped LM with the released ConvNeXt-XXL tower (frozen) at 576 px, 64-frame videos,
+# bf16, flash-attn's varlen kernel for the packed rows when it is installed (else SDPA with a block-diagonal mask).
+# The cuda tests above include tests/test_packing.py's packed-vs-alone losses with the real kernel.
+# Environment: PACKING_BENCH_TIMEOUT [300] seconds; PACKING_BENCH=0 leaves it out.
+PACKING_BENCH_TIMEOUT="${PACKING_BENCH_TIMEOUT:-300}"
+if [[ "${PACKING_BENCH:-1}" == 0 ]]; then
+    skip "packed training benchmark (PACKING_BENCH=0)"
+elif [[ "$BENCH_ONLY" == all || ",$BENCH_ONLY," == *",train,"* ]]; then
+    note "packed training: in the benchmarks above (train)"
+else
+    PACKING_ARGS=(--released-shape --device cuda --only train --out "$OUT_DIR/benchmarks-train")
+    run_step "packed vs. unpacked training" "$PACKING_BENCH_TIMEOUT" "$OUT_DIR/packing.log" \
+        "$PY" -m benchmarks "${PACKING_ARGS[@]}"
+    ((RC == 0)) || fail "packed vs. unpacked training" "exit $RC; see $OUT_DIR/packing.log"
+    note "python -m benchmarks ${PACKING_ARGS[*]}: ${STEP_SECONDS} s; tables in $OUT_DIR/benchmarks-train/results.md"
+    say ""
+    tee -a "$LOG" <"$OUT_DIR/benchmarks-train/results.md"
+fi
+# ==== end of packed training ========================================================================================
+
 # ---- 5. vLLM (the llava.vllm plugin) ------------------------------------------------- BEGIN vLLM block (issue 33)
 # Needs vLLM's CUDA build in its own environment, VLLM_PYTHON [.venv-vllm-cuda/bin/python], made with
 #   python3 -m venv .venv-vllm-cuda && .venv-vllm-cuda/bin/pip install vllm av pytest requests openai \

@@ -110,3 +110,17 @@ def ask_spy(monkeypatch) -> Spy:
     spy = Spy(cli.ChatSession.ask)
     monkeypatch.setattr(cli.ChatSession, "ask", lambda self, *a, **kw: spy(self, *a, **kw))
     return spy
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """The annotation stores the tests build (llava.train.store) go to a temporary folder, not the user's cache;
+    the training runs the tests start in subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("data-cache")
+    previous = os.environ.get("SLOWFAST_DATA_CACHE")
+    os.environ["SLOWFAST_DATA_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("SLOWFAST_DATA_CACHE", None)
+    else:
+        os.environ["SLOWFAST_DATA_CACHE"] = previous

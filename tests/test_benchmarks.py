@@ -37,6 +37,17 @@ HEADLINES = {
         "peak_mib_none",
         "peak_mib_default",
         "peak_default_vs_none",
+        "packed_real_tokens_per_s",
+        "batch1_real_tokens_per_s",
+        "packed_vs_batch1_speed",
+        "packed_peak_mib",
+    ],
+    "data": [
+        "store_total_gb_large_most_workers",
+        "store_growth_fewest_to_most_workers",
+        "store_growth_to_8_worker_processes",
+        "store_startup_first_s",
+        "today_total_gb_small_no_workers",
     ],
     "serve": ["sequential_requests_per_s", "concurrent_requests_per_s", "sequential_ttft_ms", "concurrent_ttft_ms"],
 }
@@ -45,7 +56,8 @@ ROW_NUMBERS = {
     "decode": ["ms_per_token", "tokens_per_s"],
     "vision": ["chunked_peak_mib", "all_at_once_peak_mib", "chunked_fps", "all_at_once_fps"],
     "video": ["seconds", "sampled_fps"],
-    "train": ["seconds_per_step", "tokens_per_s", "peak_mib"],
+    "train": ["seconds_per_step", "tokens_per_s", "peak_mib", "real_tokens_per_s"],
+    "data": ["file_mib", "total_gb", "startup_s"],
     "serve": ["requests_per_s", "tokens_per_s", "ttft_ms_mean", "wall_s"],
 }
 

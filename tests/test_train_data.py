@@ -468,8 +468,8 @@ def test_modality_lengths_estimate_positions_with_sign_by_modality(
         frames = 0 if item["pixel_values"] is None else item["pixel_values"].shape[0]
         fast = dataset.num_fast_tokens(frames) - 1 if frames else 0
         actual.append(len(item["input_ids"]) + fast)
-    assert dataset.modality_lengths == [actual[0], actual[1], -actual[2]]
-    assert dataset.lengths == actual
+    assert dataset.modality_lengths.tolist() == [actual[0], actual[1], -actual[2]]
+    assert dataset.lengths.tolist() == actual
 
 
 # ----------------------------------------------------------------------------- collator

@@ -164,8 +164,16 @@ class SlowCrossAttention(nn.Module):
         query_mask: torch.Tensor,
         scaling: float,
         attn_implementation: str,
+        slow_segments=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Context ``[B, L, H*D]`` and, with ``attn_implementation="eager"``, the weights ``[B, H, L, S]``."""
+        """Context ``[B, L, H*D]`` and, with ``attn_implementation="eager"``, the weights ``[B, H, L, S]``.
+        ``slow_segments`` (packed rows, :class:`llava.model.packing.SlowSegments`): each sample's queries read only
+        its own slow tokens (no weights are returned)."""
+        if slow_segments is not None:
+            from .packing import packed_cross_attention
+
+            use_flash = attn_implementation == "flash_attention_2"
+            return packed_cross_attention(query, keys, values, slow_segments, scaling, use_flash=use_flash), None
         if attn_implementation == "eager":
             return eager_slow_cross_attention(query, keys, values, key_mask, query_mask, scaling)
         use_flash = attn_implementation == "flash_attention_2"
@@ -250,6 +258,7 @@ class SlowFastAttention(Qwen2Attention):
         slow_token_mask: torch.Tensor | None = None,
         cross_attn_query_mask: torch.Tensor | None = None,
         cache=None,
+        slow_segments=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Qwen2's attention ``[B, L, hidden]`` -> ``[B, L, hidden]`` (and eager weights), plus the gated
@@ -292,6 +301,7 @@ class SlowFastAttention(Qwen2Attention):
                 cross_attn_query_mask,
                 self.scaling,
                 self.config._attn_implementation,
+                slow_segments,
             )
             crossed = output + self.gate(output) * context.to(output.dtype)
             output = torch.where(cross_attn_query_mask[..., None], crossed, output)
@@ -356,6 +366,7 @@ class SlowFastDecoderLayer(Qwen2DecoderLayer):
         slow_token_mask: torch.Tensor | None = None,
         cross_attn_query_mask: torch.Tensor | None = None,
         cache=None,
+        slow_segments=None,
         **kwargs,
     ) -> torch.Tensor:
         """``hidden_states`` ``[B, L, hidden]`` through Qwen2's layer with the slow tokens ``[B, S, hidden]`` read by
@@ -370,5 +381,6 @@ class SlowFastDecoderLayer(Qwen2DecoderLayer):
             slow_key_values=slow_kv,
             slow_token_mask=slow_token_mask,
             cross_attn_query_mask=cross_attn_query_mask if slow_kv is not None else None,
+            slow_segments=slow_segments,
             **kwargs,
         )

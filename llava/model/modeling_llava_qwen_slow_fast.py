@@ -40,6 +40,7 @@ from .cache import SlowFastCache, SlowFastStaticCache, SlowKeyValues
 from .compat import cache_kwargs, output_cache, take_cache
 from .configuration_llava_qwen_slow_fast import CROSS_ATTN_KV_INIT_LAYOUTS, LlavaQwenSlowFastConfig
 from .hybrid_layer import SlowCrossAttention, SlowFastAttention, SlowFastDecoderLayer, cross_attn_query_mask
+from .packing import prepare_packed_inputs
 from .projector import ProjectorLinear, build_projector
 from .slow_fast import SlowFastParams, SlowFastTokens, SlowTokenPositionEncoding, split_slow_fast
 from .vision_tower import ConvNeXtVisionTower, _ConvNeXtBlockWeightNamed
@@ -177,6 +178,7 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
         slow_token_mask: torch.Tensor | None = None,
         cross_attn_query_mask: torch.Tensor | None = None,
         cache=None,
+        slow_segments=None,
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         """Qwen2's decoder loop; hybrid layers also get ``slow_tokens`` ``[B, S, hidden]``, ``slow_token_mask``
@@ -231,6 +233,7 @@ class LlavaQwenSlowFastModel(LlavaQwenSlowFastPreTrainedModel):
                     attention_mask=mask,
                     slow_token_mask=slow_token_mask,
                     cross_attn_query_mask=cross_attn_query_mask,
+                    slow_segments=slow_segments,
                     **common,
                 )
             else:
@@ -433,6 +436,7 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         cross_attn_query_mask: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
+        packed_sample_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithCrossAttentions:
         """Logits ``[B, L', vocab]`` over the merged sequence (text with fast tokens) and the loss on ``labels``.
@@ -440,10 +444,20 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         With ``images``, ``input_ids`` holds ``-200`` placeholders; ``labels`` are aligned to ``input_ids``
         and re-aligned to the merged sequence. During generation the prompt's multimodal inputs arrive
         already merged (``inputs_embeds``, ``slow_tokens``, ``slow_token_mask``, ``cross_attn_query_mask``).
+        ``packed_sample_ids`` ``[B, L]`` (training with ``--packing``): the rows hold several samples each, numbered
+        ``1..n`` (0 on padding), each computed as if alone (:mod:`llava.model.packing`).
         The cache may be passed as ``cache`` or ``past_key_values`` (its name before transformers 5.24).
         """
         cache = take_cache(cache, past_key_values)
-        if images is not None and inputs_embeds is None and input_ids is not None:
+        slow_segments = None
+        if packed_sample_ids is not None:
+            packed = prepare_packed_inputs(self, input_ids, packed_sample_ids, labels, images, cache)
+            input_ids, inputs_embeds, attention_mask = None, packed.inputs_embeds, None
+            position_ids, labels, use_cache = packed.position_ids, packed.labels, False
+            slow_tokens, slow_token_mask = packed.slow_tokens, packed.slow_token_mask
+            cross_attn_query_mask, slow_segments = packed.cross_attn_query_mask, packed.slow_segments
+            kwargs.update(packed.attention_kwargs)
+        elif images is not None and inputs_embeds is None and input_ids is not None:
             mm = self.prepare_multimodal_inputs(input_ids, attention_mask, labels, images)
             input_ids, inputs_embeds, attention_mask, position_ids = None, mm.inputs_embeds, mm.attention_mask, mm.position_ids
             labels = mm.labels
@@ -473,6 +487,7 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
             slow_tokens=slow_tokens,
             slow_token_mask=slow_token_mask,
             cross_attn_query_mask=cross_attn_query_mask,
+            slow_segments=slow_segments,
             **kwargs,
         )
         hidden_states = _keep_positions(outputs.last_hidden_state, logits_to_keep)

@@ -133,10 +133,33 @@ class TrainingArguments(transformers.TrainingArguments):
             "checkpoints and learning rates were obtained this way; with one sample per micro-batch (the SFT "
             "recipe) a one-letter answer weighs as much as a long caption. 'token': the mean over every "
             "supervised token of all accumulation steps and devices (transformers 5's default), which weighs "
-            "samples by their number of supervised tokens."
+            "samples by their number of supervised tokens. With --packing a micro-batch is one device's packed "
+            "row(s) of one accumulation step: 'micro_batch' then averages over the supervised tokens of every sample "
+            "packed in it (what an unpacked micro-batch of the same samples gives), so within a row samples weigh by "
+            "their supervised tokens; 'token' is the same with or without packing."
         },
     )
 
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack several samples into each row of up to --max_packed_length positions (text + fast tokens): "
+            "positions restart and attention stays within each sample, each sample's text reads only its own slow "
+            "tokens. A micro-batch is --per_device_train_batch_size packed rows, planned from the samples' lengths."
+        },
+    )
+    max_packed_length: int | None = field(
+        default=None,
+        metadata={"help": "With --packing: the most positions of a packed row (default and minimum: --model_max_length)."},
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token-budget batches: each micro-batch holds as many samples as fit this many positions, padding "
+            "included (samples x longest), at least --model_max_length. With --packing: budget // max_packed_length "
+            "rows per micro-batch. Planned from the lengths, the same on every resume."
+        },
+    )
     max_train_hours: float | None = field(
         default=None,
         metadata={
@@ -169,8 +192,34 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--stop_margin_minutes must be >= 0, got {self.stop_margin_minutes}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"--loss_reduction {self.loss_reduction!r}: must be one of {list(LOSS_REDUCTIONS)}")
+        self._check_batching()
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
         super().__post_init__()
+
+    def _check_batching(self) -> None:
+        for name in ("max_packed_length", "max_tokens_per_batch"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+        if not self.packing:
+            if self.max_packed_length is not None:
+                raise ValueError("--max_packed_length has no effect without --packing")
+        else:
+            if self.max_packed_length is None:
+                self.max_packed_length = self.model_max_length
+            if self.max_packed_length < self.model_max_length:
+                raise ValueError(
+                    f"--max_packed_length {self.max_packed_length} is below --model_max_length {self.model_max_length}: "
+                    "a sample of the full length would fit no row"
+                )
+        if self.max_tokens_per_batch is not None:
+            floor = self.max_packed_length if self.packing else self.model_max_length
+            if self.max_tokens_per_batch < floor:
+                which = "--max_packed_length" if self.packing else "--model_max_length"
+                raise ValueError(
+                    f"--max_tokens_per_batch {self.max_tokens_per_batch} is below {which} {floor}: a sample (or a "
+                    "packed row) of that length would fit no batch"
+                )

@@ -1,37 +1,52 @@
-"""Supervised fine-tuning data: annotations, chat templating, label masking, truncation and batching.
+"""Supervised fine-tuning data: the training set, one sample decoded and tokenised at a time.
 
-A training set is a JSON list (or a JSON Lines file) of samples::
+A training set is a JSON list (or a JSON Lines file) of samples (:mod:`llava.train.annotations`)::
 
     {"video": "clips/a.mp4",            # or "image": "pics/b.png", or neither (text only)
      "conversations": [{"from": "human", "value": "<image>\\nWhat happens?"},
                        {"from": "gpt", "value": "A dog runs."}]}
 
 A mixture file (:mod:`llava.train.mixture`) combines several such files, each with its own folders and amount.
-:func:`load_annotations` validates every sample when training starts, :class:`LazySupervisedDataset`
-decodes the media and tokenises one sample at a time (replacing samples that cannot be loaded),
-:class:`DataCollatorForSupervisedDataset` pads a batch, and :class:`LengthGroupedSampler` orders the
-samples so that a batch holds samples of similar length and of one modality.
+The annotations are read once into the annotation store (:mod:`llava.train.store`), memory-mapped and shared by
+every process; :class:`LazySupervisedDataset` decodes the media and tokenises one sample at a time (replacing
+samples that cannot be loaded) and knows every sample's length without decoding it (:mod:`llava.train.lengths`);
+:mod:`llava.train.collators` pads or packs a batch, and :mod:`llava.train.sampling` orders and plans batches.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
-import re
-from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava.mm_utils import expand2square, tokenizer_image_token
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.mm_utils import expand2square
 from llava.model.slow_fast import SlowFastParams, count_visual_tokens
 from llava.video import load_video
+
+from .annotations import AnnotationError, load_annotations
+from .collators import DataCollatorForSupervisedDataset, PackedDataCollator
+from .lengths import SampleLengths, store_text_ids, time_instruction_stand_in
+from .mixture import SourceSummary, is_mixture_file, open_mixture
+from .samples import TrainingSamples
+from .sampling import LengthGroupedSampler, get_length_grouped_indices, get_modality_length_grouped_indices
+from .store import MODALITY_CODES, MODALITY_NAMES, open_annotation_store
+from .template import (
+    DEFAULT_SYSTEM_MESSAGE,
+    ChatMLIds,
+    SampleError,
+    normalize_image_markers,
+    preprocess_qwen,
+    truncate_to_budget,
+    with_time_instruction,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +57,7 @@ __all__ = [
     "DataCollatorForSupervisedDataset",
     "LazySupervisedDataset",
     "LengthGroupedSampler",
+    "PackedDataCollator",
     "SampleError",
     "get_length_grouped_indices",
     "get_modality_length_grouped_indices",
@@ -53,11 +69,6 @@ __all__ = [
     "truncate_to_budget",
 ]
 
-DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-# Annotation speaker -> ChatML role.
-ROLE_NAMES: dict[str, str] = {"system": "system", "human": "user", "gpt": "assistant"}
 VIDEO_DECODE_BACKENDS = ("auto", "decord", "pyav")
 IMAGE_ASPECT_RATIOS = ("pad", "square", "resize", "original")
 
@@ -121,6 +132,14 @@ class DataArguments:
     video_decode_backend: str = field(
         default="auto", metadata={"help": "Video decoder: 'auto' (decord, falling back to PyAV), 'decord' or 'pyav'."}
     )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the annotation store: the annotations read once into memory-mapped Arrow files, "
+            "shared by every process of a node, and the samples' lengths (default: $SLOWFAST_DATA_CACHE, else "
+            "~/.cache/slowfast-llava/data). Entries are keyed by the files' content: an edited file gets a new one."
+        },
+    )
     max_consecutive_failures: int = field(
         default=16,
         metadata={
@@ -152,393 +171,28 @@ class DataArguments:
             )
 
 
-# --------------------------------------------------------------------------------------------
-# Annotations
-# --------------------------------------------------------------------------------------------
-
-
-class AnnotationError(ValueError):
-    """The annotation file cannot be parsed, or one of its samples is malformed (the message says where)."""
-
-
-def _conversation_problem(conversations: Any) -> str | None:
-    """Describe what is wrong with a ``conversations`` list (``"field: why"``), or return ``None``."""
-    if not isinstance(conversations, list):
-        return f"conversations: must be a list of turns, got {type(conversations).__name__}"
-    if not conversations:
-        return "conversations: must not be empty"
-    for k, turn in enumerate(conversations):
-        where = f"conversations[{k}]"
-        if not isinstance(turn, dict):
-            return f"{where}: a turn must be an object with 'from' and 'value', got {type(turn).__name__}"
-        if "from" not in turn:
-            return f"{where}.from: missing"
-        if turn["from"] not in ROLE_NAMES:
-            return f"{where}.from: must be one of {list(ROLE_NAMES)}, got {turn['from']!r}"
-        if "value" not in turn:
-            return f"{where}.value: missing"
-        if not isinstance(turn["value"], str):
-            return f"{where}.value: must be a string, got {type(turn['value']).__name__}"
-
-    start = 1 if conversations[0]["from"] == "system" else 0
-    if start == len(conversations):
-        return "conversations: has a system turn but no human/gpt turns"
-    for k in range(start, len(conversations)):
-        expected = "human" if (k - start) % 2 == 0 else "gpt"
-        speaker = conversations[k]["from"]
-        if speaker != expected:
-            why = "only the first turn may be 'system'" if speaker == "system" else "turns must alternate human/gpt"
-            return f"conversations[{k}].from: expected {expected!r} ({why}), got {speaker!r}"
-    if conversations[-1]["from"] != "gpt":
-        return f"conversations[{len(conversations) - 1}].from: the last turn must be 'gpt' (an answer to learn)"
-    return None
-
-
-def _sample_problem(sample: Any) -> str | None:
-    """Describe what is wrong with one annotation sample (``"field: why"``), or return ``None``."""
-    if not isinstance(sample, dict):
-        return f"a sample must be a JSON object, got {type(sample).__name__}"
-    if "conversations" not in sample:
-        return "conversations: missing"
-    problem = _conversation_problem(sample["conversations"])
-    if problem:
-        return problem
-    media = [key for key in ("video", "image") if sample.get(key) is not None]
-    if len(media) == 2:
-        return "video/image: a sample has one image or one video, not both"
-    if media:
-        key = media[0]
-        if not isinstance(sample[key], str) or not sample[key]:
-            return f"{key}: must be a non-empty string path, got {sample[key]!r}"
-        markers = sum(turn["value"].count(DEFAULT_IMAGE_TOKEN) for turn in sample["conversations"])
-        if markers > 1:
-            return f"conversations: {markers} {DEFAULT_IMAGE_TOKEN} markers, but a sample carries one {key}"
-    return None
-
-
-def _parse_json_list(text: str, path: str) -> list[tuple[str, Any]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise AnnotationError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    if not isinstance(data, list):
-        raise AnnotationError(f"{path}: the top level must be a list of samples, got {type(data).__name__}")
-    return [(f"index {i}", sample) for i, sample in enumerate(data)]
-
-
-def _parse_json_lines(text: str, path: str) -> list[tuple[str, Any]]:
-    records = []
-    # Split on "\n" only: str.splitlines would also break at U+2028 etc., which JSON allows inside strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"line {lineno}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise AnnotationError(f"{path}: invalid JSON at line {lineno}, column {err.colno}: {err.msg}") from None
-    return records
-
-
-def load_annotations(
-    path: str | os.PathLike[str],
-    *,
-    video_folder: str | None = None,
-    image_folder: str | None = None,
-) -> list[dict]:
-    """Read and validate a training annotation file.
-
-    The file is JSON Lines when its name ends in ``.jsonl`` or its content starts with ``{``; otherwise it
-    must hold a JSON list. Every sample is checked: an object with ``conversations``, a non-empty list of
-    ``{"from": "human"|"gpt"|"system", "value": str}`` turns alternating human/gpt (an optional leading
-    system turn, a final gpt turn), and at most one of ``video`` / ``image`` (a string path; a visual sample
-    has at most one ``<image>`` marker). Relative ``image`` paths are joined to ``image_folder`` and relative
-    ``video`` paths to ``video_folder``, or to ``image_folder`` when no ``video_folder`` is given (the
-    reference resolves both against its ``--image_folder``).
-
-    Returns:
-        The samples, as dicts, with resolved media paths.
-
-    Raises:
-        AnnotationError: the file cannot be read or parsed (the message gives the line and column), holds
-            no samples, or a sample is malformed (the message names ``index N`` for a JSON list or
-            ``line N`` for JSON Lines, and the field at fault).
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            text = handle.read()
-    except OSError as err:
-        raise AnnotationError(f"cannot read annotation file '{path}': {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise AnnotationError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-
-    stripped = text.lstrip()
-    if not stripped:
-        raise AnnotationError(f"{path}: the file is empty; expected a JSON list or JSON Lines of samples")
-    if path.lower().endswith(".jsonl") or stripped.startswith("{"):
-        records = _parse_json_lines(text, path)
-    elif stripped.startswith("["):
-        records = _parse_json_list(text, path)
-    else:
-        raise AnnotationError(f"{path}: expected a JSON list ('[...]') or JSON Lines (one object per line)")
-    if not records:
-        raise AnnotationError(f"{path}: contains no samples")
-
-    folders = {"video": video_folder or image_folder, "image": image_folder}
-    samples = []
-    for where, sample in records:
-        problem = _sample_problem(sample)
-        if problem:
-            raise AnnotationError(f"{path}: {where}: {problem}")
-        for key, folder in folders.items():
-            if sample.get(key) is None:
-                sample.pop(key, None)
-            elif folder and not os.path.isabs(sample[key]):
-                sample[key] = os.path.join(folder, sample[key])
-        samples.append(sample)
-    return samples
-
-
-def load_training_samples(data_path: str, data_args: DataArguments, seed: int = 0) -> tuple[list[dict], list[Any]]:
-    """The training samples of ``data_path``: one annotation file, or every source of a mixture file.
+def load_training_samples(data_path: str, data_args: DataArguments, seed: int = 0) -> tuple[TrainingSamples, list[Any]]:
+    """The training samples of ``data_path``, one annotation file or every source of a mixture file, from the
+    annotation store (built on first use under ``data_args.data_cache_dir``).
 
     Logs the number of samples (per source for a mixture).
 
     Returns:
-        ``(samples, sources)``: the samples with resolved media paths, and one
-        :class:`llava.train.mixture.SourceSummary` per source (one for a plain annotation file).
+        ``(samples, sources)``: the samples (a sequence of dicts with resolved media paths, materialised on
+        access), and one :class:`llava.train.mixture.SourceSummary` per source (one for a plain annotation file).
 
     Raises:
         AnnotationError: see :func:`load_annotations` and :func:`llava.train.mixture.load_mixture`.
     """
-    from .mixture import SourceSummary, is_mixture_file, load_mixture
-
     folders = {"video_folder": data_args.video_folder, "image_folder": data_args.image_folder}
+    cache_dir = data_args.data_cache_dir
     if is_mixture_file(data_path):
-        return load_mixture(data_path, seed=seed, **folders)
-    samples = load_annotations(data_path, **folders)
+        return open_mixture(data_path, seed=seed, cache_dir=cache_dir, **folders)
+    store = open_annotation_store(data_path, cache_dir=cache_dir, **folders)
+    samples = TrainingSamples([store])
     logger.info("%d training samples from %s", len(samples), data_path)
     name = os.path.splitext(os.path.basename(os.fspath(data_path)))[0]
     return samples, [SourceSummary(name, os.fspath(data_path), len(samples), len(samples), "all")]
-
-
-# --------------------------------------------------------------------------------------------
-# Chat template (qwen_1_5) and labels
-# --------------------------------------------------------------------------------------------
-
-_MARKER_WITH_NEWLINES = re.compile(r"\n*" + re.escape(DEFAULT_IMAGE_TOKEN) + r"\n*")
-
-
-def _remove_markers(value: str) -> str:
-    """Drop every ``<image>`` marker with the newlines around it, then strip the ends.
-
-    A marker that stood on its own line between two pieces of text leaves one newline behind.
-    """
-    return _MARKER_WITH_NEWLINES.sub(lambda m: "\n" if "\n" in m.group() else "", value).strip()
-
-
-def normalize_image_markers(conversations: Sequence[Mapping[str, str]], has_visual: bool) -> list[dict[str, str]]:
-    """Return a copy of ``conversations`` with the ``<image>`` marker where the model expects it.
-
-    With ``has_visual`` the turn holding the marker becomes ``"<image>\\n" + rest`` (the marker and its
-    surrounding newlines removed from where it stood); if no turn has one, the first human turn gets it.
-    Without ``has_visual`` every marker is removed.
-
-    Raises:
-        ValueError: with ``has_visual``, more than one marker, or no human turn to put it in.
-    """
-    turns = [dict(turn) for turn in conversations]
-    marked = [k for k, turn in enumerate(turns) if DEFAULT_IMAGE_TOKEN in turn["value"]]
-    if not has_visual:
-        for k in marked:
-            turns[k]["value"] = _remove_markers(turns[k]["value"])
-        return turns
-
-    count = sum(turn["value"].count(DEFAULT_IMAGE_TOKEN) for turn in turns)
-    if count > 1:
-        raise ValueError(
-            f"the conversation has {count} {DEFAULT_IMAGE_TOKEN} markers; a sample carries one visual input"
-        )
-    if marked:
-        target = marked[0]
-    else:
-        humans = [k for k, turn in enumerate(turns) if turn["from"] == "human"]
-        if not humans:
-            raise ValueError(f"the conversation has no human turn to hold the {DEFAULT_IMAGE_TOKEN} marker")
-        target = humans[0]
-    turns[target]["value"] = f"{DEFAULT_IMAGE_TOKEN}\n{_remove_markers(turns[target]['value'])}"
-    return turns
-
-
-def _with_time_instruction(conversations: Sequence[Mapping[str, str]], info: str) -> list[dict[str, str]]:
-    """Insert ``info`` at the start of the first human turn, just after its leading ``<image>\\n``."""
-    turns = normalize_image_markers(conversations, has_visual=True)
-    first = next(k for k, turn in enumerate(turns) if turn["from"] == "human")
-    value = turns[first]["value"]
-    head = f"{DEFAULT_IMAGE_TOKEN}\n"
-    if value.startswith(head):
-        rest = value[len(head) :]
-        turns[first]["value"] = f"{head}{info}\n{rest}" if rest else f"{head}{info}"
-    else:
-        turns[first]["value"] = f"{info}\n{value}"
-    return turns
-
-
-@dataclass(frozen=True)
-class _ChatMLIds:
-    """Ids of the ChatML structure tokens of one tokenizer."""
-
-    im_start: int
-    im_end: int
-    newline: int
-    bos_prefix: tuple[int, ...]  # what tokenizer_image_token puts before every encoding (empty for Qwen2)
-
-    @property
-    def structural(self) -> frozenset[int]:
-        return frozenset((self.im_start, self.im_end, self.newline))
-
-    @classmethod
-    def of(cls, tokenizer: Any) -> "_ChatMLIds":
-        ids = {}
-        for name, text in (("im_start", IM_START), ("im_end", IM_END), ("newline", "\n")):
-            encoded = tokenizer(text, add_special_tokens=False).input_ids
-            if len(encoded) != 1:
-                raise ValueError(
-                    f"the tokenizer encodes {text!r} as {len(encoded)} tokens {encoded}; the qwen_1_5 template "
-                    "needs a Qwen2 (ChatML) tokenizer where it is a single token"
-                )
-            ids[name] = encoded[0]
-        return cls(bos_prefix=tuple(tokenizer_image_token("", tokenizer)), **ids)
-
-    def encode(self, text: str, tokenizer: Any) -> list[int]:
-        """Token ids of ``text`` (``<image>`` as ``-200``), without the tokenizer's BOS."""
-        return tokenizer_image_token(text, tokenizer)[len(self.bos_prefix) :]
-
-
-def preprocess_qwen(
-    conversations: Sequence[Mapping[str, str]],
-    tokenizer: Any,
-    has_visual: bool,
-    system_message: str = DEFAULT_SYSTEM_MESSAGE,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render a conversation with the ``qwen_1_5`` template, tokenise it and build its labels.
-
-    The prompt is ``<|im_start|>system\\n{system}<|im_end|>\\n`` followed by
-    ``<|im_start|>{user|assistant}\\n{value}<|im_end|>\\n`` for each turn; a leading ``system`` turn
-    replaces ``system_message``. ``<image>`` markers are first placed by :func:`normalize_image_markers`
-    and become the single id ``-200``.
-
-    Each turn is tokenised on its own. Since every turn starts with the special token ``<|im_start|>``,
-    which the tokenizer never merges with its neighbours, the concatenation equals the tokenisation of
-    the whole prompt.
-
-    Labels: in system and user turns only ``<|im_start|>``, ``<|im_end|>`` and ``\\n`` tokens are
-    supervised; in assistant turns every token is, except the role name; ``-200`` never is.
-
-    Returns:
-        ``input_ids`` and ``labels``, both ``torch.long`` ``[L]``.
-
-    Raises:
-        ValueError: malformed conversation, misplaced markers, or a tokenizer without ChatML tokens.
-    """
-    problem = _conversation_problem(list(conversations))
-    if problem:
-        raise ValueError(f"invalid conversation: {problem}")
-    turns = normalize_image_markers(conversations, has_visual)
-    if turns[0]["from"] == "system":
-        system_message = turns[0]["value"]
-        turns = turns[1:]
-    ids = _ChatMLIds.of(tokenizer)
-
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for role, content in [("system", system_message)] + [(ROLE_NAMES[t["from"]], t["value"]) for t in turns]:
-        turn_ids = ids.encode(f"{IM_START}{role}\n{content}{IM_END}\n", tokenizer)
-        if role == "assistant":
-            header = ids.encode(f"{IM_START}{role}", tokenizer)
-            if turn_ids[: len(header)] != header:
-                raise ValueError(f"the tokenizer merges the role name {role!r} with the text after it")
-            turn_labels = list(turn_ids)
-            turn_labels[1 : len(header)] = [IGNORE_INDEX] * (len(header) - 1)
-        else:
-            turn_labels = [t if t in ids.structural else IGNORE_INDEX for t in turn_ids]
-        input_ids += turn_ids
-        labels += turn_labels
-
-    labels = [IGNORE_INDEX if t == IMAGE_TOKEN_INDEX else label for t, label in zip(input_ids, labels)]
-    return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
-
-
-# --------------------------------------------------------------------------------------------
-# Truncation
-# --------------------------------------------------------------------------------------------
-
-
-class SampleError(ValueError):
-    """One sample cannot be used for training (it is skipped and replaced by another)."""
-
-
-def truncate_to_budget(
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    max_length: int,
-    num_fast_tokens: int,
-    *,
-    structural_token_ids: Collection[int] = (),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut text from the end so that the language model sees at most ``max_length`` positions.
-
-    Each ``-200`` placeholder in ``input_ids`` ``[L]`` becomes ``num_fast_tokens`` positions, so a visual
-    sample takes ``L - 1 + num_fast_tokens`` positions; a text-only sample takes ``L``.
-
-    Args:
-        input_ids, labels: ``[L]`` tensors of one sample.
-        max_length: the language model's budget of positions.
-        num_fast_tokens: fast tokens replacing each placeholder.
-        structural_token_ids: ids that do not count as supervision when checking that something is left
-            to learn (pass the ChatML ``<|im_start|>``, ``<|im_end|>`` and ``\\n`` ids, which are
-            supervised everywhere, to require that some of the answer survives).
-
-    Returns:
-        ``(input_ids, labels)``, unchanged if they fit, else their first ``n`` entries.
-
-    Raises:
-        SampleError: the budget cannot hold everything up to and including the last placeholder, or no
-            supervised label is left after the cut.
-        ValueError: bad arguments.
-    """
-    if input_ids.dim() != 1 or labels.shape != input_ids.shape:
-        raise ValueError(
-            f"input_ids and labels must be 1-D of equal length, got {tuple(input_ids.shape)} and {tuple(labels.shape)}"
-        )
-    if max_length < 1:
-        raise ValueError(f"max_length must be positive, got {max_length}")
-    if num_fast_tokens < 0:
-        raise ValueError(f"num_fast_tokens must be >= 0, got {num_fast_tokens}")
-
-    placeholders = (input_ids == IMAGE_TOKEN_INDEX).nonzero().flatten()
-    extra = len(placeholders) * (num_fast_tokens - 1)
-    needed = len(input_ids) + extra
-    if needed <= max_length:
-        return input_ids, labels
-
-    keep = max_length - extra
-    if len(placeholders) and keep < int(placeholders[-1]) + 1:
-        raise SampleError(
-            f"the sample needs {needed} positions ({len(input_ids)} text ids with {len(placeholders)} visual "
-            f"placeholder(s) of {num_fast_tokens} fast tokens) but max_length is {max_length}, which cannot "
-            f"hold the text up to the visual placeholder at position {int(placeholders[-1])}"
-        )
-    input_ids, labels = input_ids[:keep], labels[:keep]
-    supervised = labels != IGNORE_INDEX
-    if structural_token_ids:
-        supervised &= ~torch.isin(labels, torch.tensor(sorted(structural_token_ids), dtype=labels.dtype))
-    if not bool(supervised.any()):
-        raise SampleError(
-            f"the sample needs {needed} positions but max_length is {max_length}; after cutting it to "
-            f"{keep} ids no supervised label is left"
-        )
-    return input_ids, labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,7 +242,8 @@ class LazySupervisedDataset(Dataset):
       language model's budget by :func:`truncate_to_budget`;
     * ``pixel_values``: ``float`` ``[T, 3, S, S]`` (``T = 1`` for an image) or ``None`` for text only;
     * ``modality``: ``"video"``, ``"image"`` or ``"text"``;
-    * ``index``: the index of the annotation actually used.
+    * ``index``: the index of the annotation actually used;
+    * ``num_positions``: the positions it takes in the language model (``<image>`` replaced by the fast tokens).
 
     A sample that cannot be loaded (missing or corrupt media, bad conversation, too long) is logged and
     replaced by the next one (``i + 1``, ``i + 2``, ... modulo the length); more than
@@ -641,9 +296,9 @@ class LazySupervisedDataset(Dataset):
         if self.grid_size < 1:
             raise ValueError(f"image size {self.image_size} is below the tower's stride {output_stride} px: no vision tokens")
         self.slow_fast = SlowFastParams.from_config(model_config)
-        self._chatml = _ChatMLIds.of(tokenizer)
+        self._chatml = ChatMLIds.of(tokenizer)
         self._fast_cache: dict[int, int] = {}
-        self._modality_lengths: list[int] | None = None
+        self._lengths: SampleLengths | None = None
         self.skipped = multiprocessing.Value("q", 0)
 
     def __len__(self) -> int:
@@ -662,61 +317,47 @@ class LazySupervisedDataset(Dataset):
         return self._fast_cache[num_frames]
 
     def modality_of(self, index: int) -> str:
-        """``"video"``, ``"image"`` or ``"text"`` for sample ``index``."""
-        sample = self.samples[index]
-        if self.data_args.is_multimodal:
-            for key in ("video", "image"):
-                if key in sample:
-                    return key
-        return "text"
+        """``"video"``, ``"image"`` or ``"text"`` for sample ``index`` (read from the store, nothing decoded)."""
+        if not self.data_args.is_multimodal:
+            return "text"
+        store, row = self.samples.locate(index)
+        return MODALITY_NAMES[int(self.samples.stores[store].modality[row])]
 
-    # ---- lengths for length-grouped sampling
+    # ---- lengths, for the samplers
 
     @property
-    def modality_lengths(self) -> list[int]:
-        """Estimated positions per sample, positive for visual samples and negative for text-only ones.
-
-        Text token count plus template tokens, plus the fast tokens of ``video_frames`` frames (one frame
-        for images); no media is decoded. Capped at ``max_length``.
-        """
-        if self._modality_lengths is None:
-            self._modality_lengths = self._estimate_lengths()
-        return self._modality_lengths
+    def sample_lengths(self) -> SampleLengths:
+        """Every sample's positions in the language model and slow tokens (:class:`~llava.train.lengths.SampleLengths`),
+        without decoding any media: the text exactly as it will be tokenised, the fast and slow tokens of
+        ``video_frames`` frames for a video (an upper bound: a shorter clip gives fewer) and of one frame for an
+        image; positions capped at ``max_length``. The text counts are computed once per annotation file and
+        tokenizer and kept in the annotation store."""
+        if self._lengths is None:
+            args = self.data_args
+            time_info = time_instruction_stand_in(args.video_frames) if args.add_time_instruction else None
+            per_row = [
+                store_text_ids(store, self.tokenizer, is_multimodal=args.is_multimodal, time_instruction=time_info)
+                for store in self.samples.stores
+            ]
+            modality = self.samples.modality_codes
+            if not args.is_multimodal:
+                modality = np.full_like(modality, MODALITY_CODES["text"])
+            self._lengths = SampleLengths.compute(
+                self.samples.per_sample(per_row), modality, video_frames=args.video_frames, grid_size=self.grid_size,
+                slow_fast=self.slow_fast, max_length=self.max_length,
+            )
+        return self._lengths
 
     @property
-    def lengths(self) -> list[int]:
-        """Estimated positions per sample (see :attr:`modality_lengths`), all positive."""
-        return [abs(n) for n in self.modality_lengths]
+    def modality_lengths(self) -> np.ndarray:
+        """Positions per sample (see :attr:`sample_lengths`), positive for visual samples and negative for
+        text-only ones, ``[N]`` int64."""
+        return self.sample_lengths.signed()
 
-    def _estimate_lengths(self) -> list[int]:
-        values = [
-            _remove_markers(t["value"]) if DEFAULT_IMAGE_TOKEN in t["value"] else t["value"]
-            for s in self.samples
-            for t in s["conversations"]
-        ]
-        value_counts = iter(len(ids) for ids in self.tokenizer(values, add_special_tokens=False)["input_ids"])
-        text_counts = [sum(next(value_counts) for _ in s["conversations"]) for s in self.samples]
-        # "<|im_start|>{role}\n" ... "<|im_end|>\n" around every turn.
-        overhead = {
-            role: len(self._chatml.encode(f"{IM_START}{role}\n", self.tokenizer)) + 2 for role in ROLE_NAMES.values()
-        }
-        default_system = overhead["system"] + len(self._chatml.encode(DEFAULT_SYSTEM_MESSAGE, self.tokenizer))
-        frames = {"video": self.data_args.video_frames, "image": 1}
-
-        estimates = []
-        for index, (sample, count) in enumerate(zip(self.samples, text_counts)):
-            turns = sample["conversations"]
-            count += sum(overhead[ROLE_NAMES[t["from"]]] for t in turns)
-            if turns[0]["from"] != "system":
-                count += default_system
-            modality = self.modality_of(index)
-            if modality == "text":
-                estimates.append(-min(count, self.max_length))
-            else:
-                # the fast tokens and the newline after the marker
-                count += self.num_fast_tokens(frames[modality]) + 1
-                estimates.append(min(count, self.max_length))
-        return estimates
+    @property
+    def lengths(self) -> np.ndarray:
+        """Positions per sample (see :attr:`sample_lengths`), ``[N]`` int64."""
+        return self.sample_lengths.positions
 
     # ---- loading
 
@@ -748,7 +389,7 @@ class LazySupervisedDataset(Dataset):
             clip = load_video(sample["video"], args.video_frames, fps=fps, backend=args.video_decode_backend)
             pixel_values = self._pixels(clip.frames)
             if args.add_time_instruction:
-                conversations = _with_time_instruction(conversations, clip.info())
+                conversations = with_time_instruction(conversations, clip.info())
         elif modality == "image":
             pixel_values = self._load_image(sample["image"])
 
@@ -757,17 +398,20 @@ class LazySupervisedDataset(Dataset):
         input_ids, labels = truncate_to_budget(
             input_ids, labels, self.max_length, num_fast, structural_token_ids=self._chatml.structural
         )
+        placeholders = int((input_ids == IMAGE_TOKEN_INDEX).sum())
         return {
             "input_ids": input_ids,
             "labels": labels,
             "pixel_values": pixel_values,
             "modality": modality,
             "index": index,
+            "num_positions": len(input_ids) + placeholders * (num_fast - 1),
         }
 
     def _describe(self, index: int) -> str:
         modality = self.modality_of(index)
-        return "text-only" if modality == "text" else f"{modality} '{self.samples[index][modality]}'"
+        what = "text-only" if modality == "text" else f"{modality} '{self.samples[index][modality]}'"
+        return f"{what}, {self.samples.where(index)}"
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self)
@@ -798,165 +442,6 @@ class LazySupervisedDataset(Dataset):
         raise AssertionError("unreachable")
 
 
-# --------------------------------------------------------------------------------------------
-# Batching
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataCollatorForSupervisedDataset:
-    """Pad a list of :class:`LazySupervisedDataset` items into a batch.
-
-    Returns ``input_ids`` ``[B, L]`` right-padded with the tokenizer's pad id, ``labels`` ``[B, L]``
-    padded with ``-100``, a boolean ``attention_mask`` ``[B, L]``, and ``images``: the ``pixel_values``
-    of the samples that have them, in batch order (``None`` when no sample has any).
-    """
-
-    tokenizer: Any
-
-    def __post_init__(self) -> None:
-        if getattr(self.tokenizer, "pad_token_id", None) is None:
-            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before collating")
-
-    def __call__(self, instances: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        if not instances:
-            raise ValueError("cannot collate an empty batch")
-        for b, item in enumerate(instances):
-            if item["input_ids"].shape != item["labels"].shape:
-                raise ValueError(
-                    f"batch item {b}: input_ids {tuple(item['input_ids'].shape)} and labels "
-                    f"{tuple(item['labels'].shape)} differ in shape"
-                )
-        longest = max(len(item["input_ids"]) for item in instances)
-        input_ids = torch.full((len(instances), longest), self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(instances), longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(instances), longest), dtype=torch.bool)
-        for b, item in enumerate(instances):
-            n = len(item["input_ids"])
-            input_ids[b, :n] = item["input_ids"]
-            labels[b, :n] = item["labels"]
-            attention_mask[b, :n] = True
-        images = [item["pixel_values"] for item in instances if item.get("pixel_values") is not None]
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "images": images or None}
-
-
-# --------------------------------------------------------------------------------------------
-# Length-grouped sampling
-# --------------------------------------------------------------------------------------------
-
-
-def _check_grouping_args(lengths: Sequence[int], batch_size: int, world_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be positive, got {world_size}")
-    if any(n == 0 for n in lengths):
-        first = next(i for i, n in enumerate(lengths) if n == 0)
-        raise ValueError(f"lengths[{first}] is 0; lengths must be non-zero (sign = modality)")
-
-
-def _sorted_megabatches(
-    indices: Sequence[int], lengths: Sequence[int], size: int, generator: torch.Generator | None
-) -> list[list[int]]:
-    """Shuffle ``indices``, cut them into chunks of ``size`` and sort each chunk by length, longest first."""
-    order = torch.randperm(len(indices), generator=generator).tolist()
-    shuffled = [indices[k] for k in order]
-    chunks = [shuffled[k : k + size] for k in range(0, len(shuffled), size)]
-    return [sorted(chunk, key=lambda i: -abs(lengths[i])) for chunk in chunks]
-
-
-def get_length_grouped_indices(
-    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator | None = None
-) -> list[int]:
-    """A permutation of ``range(len(lengths))``: shuffled, then sorted by ``|length|`` (longest first)
-    within each mega-batch of ``batch_size * world_size`` consecutive positions."""
-    _check_grouping_args(lengths, batch_size, world_size)
-    chunks = _sorted_megabatches(range(len(lengths)), lengths, batch_size * world_size, generator)
-    return [i for chunk in chunks for i in chunk]
-
-
-def get_modality_length_grouped_indices(
-    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator | None = None
-) -> list[int]:
-    """A permutation of ``range(len(lengths))`` whose mega-batches hold one modality each.
-
-    ``lengths[i] > 0`` marks a visual sample, ``< 0`` a text-only one. Each modality is shuffled and cut
-    into mega-batches of ``batch_size * world_size`` (so one optimiser step across all devices), each sorted
-    by length, longest first. The full mega-batches are shuffled together; the two partial ones (visual,
-    then text-only) come last, so modalities can only meet in those trailing leftovers. With a single
-    modality this is :func:`get_length_grouped_indices`.
-    """
-    _check_grouping_args(lengths, batch_size, world_size)
-    visual = [i for i, n in enumerate(lengths) if n > 0]
-    text = [i for i, n in enumerate(lengths) if n < 0]
-    if not visual or not text:
-        return get_length_grouped_indices(lengths, batch_size, world_size, generator)
-
-    size = batch_size * world_size
-    full, partial = [], []
-    for group in (visual, text):
-        for chunk in _sorted_megabatches(group, lengths, size, generator):
-            (full if len(chunk) == size else partial).append(chunk)
-    order = torch.randperm(len(full), generator=generator).tolist()
-    return [i for k in order for i in full[k]] + [i for chunk in partial for i in chunk]
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Order samples so that batches hold similar lengths (and, by default, a single modality).
-
-    Every epoch is a fresh permutation covering every index exactly once; see
-    :func:`get_modality_length_grouped_indices`. With ``seed``, epoch ``e``'s permutation depends on
-    ``seed + e`` only (set by :meth:`set_epoch`), so every process draws the same order and a resumed run
-    draws the order of the epoch it resumes in; otherwise it comes from ``generator``, or torch's global RNG.
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        world_size: int,
-        lengths: Sequence[int] | None = None,
-        group_by_modality: bool = True,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
-    ) -> None:
-        """
-        Args:
-            batch_size: samples per device per step.
-            world_size: number of devices.
-            lengths: per-sample lengths; with ``group_by_modality`` signed (visual > 0, text-only < 0),
-                e.g. ``dataset.modality_lengths``.
-            group_by_modality: keep visual and text-only samples in separate mega-batches.
-            generator: source of randomness when no ``seed`` is given.
-            seed: draw epoch ``e`` from a generator seeded with ``seed + e``.
-        """
-        if lengths is None:
-            raise ValueError("LengthGroupedSampler needs lengths (e.g. dataset.modality_lengths)")
-        if seed is not None and generator is not None:
-            raise ValueError("LengthGroupedSampler takes a seed or a generator, not both")
-        self.lengths = list(lengths)
-        _check_grouping_args(self.lengths, batch_size, world_size)
-        self.batch_size = batch_size
-        self.world_size = world_size
-        self.group_by_modality = group_by_modality
-        self.generator = generator
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the next iteration's order for ``epoch`` (with a ``seed``)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        grouping = get_modality_length_grouped_indices if self.group_by_modality else get_length_grouped_indices
-        generator = self.generator
-        if self.seed is not None:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(grouping(self.lengths, self.batch_size, self.world_size, generator))
-
-
 def make_supervised_data_module(
     tokenizer: Any,
     image_processor: Any,
@@ -964,15 +449,17 @@ def make_supervised_data_module(
     model_config: Any,
     max_length: int | None = None,
     seed: int = 0,
+    max_packed_length: int | None = None,
 ) -> dict[str, Any]:
     """The training set and collator for ``transformers.Trainer``:
     ``{"train_dataset", "eval_dataset": None, "data_collator"}``. ``seed``: a mixture's draws (when its file
-    gives none)."""
+    gives none). ``max_packed_length`` (``--packing``): a :class:`PackedDataCollator` packing each micro-batch
+    into rows of at most that many positions; otherwise each sample is a row of its own."""
     train_dataset = LazySupervisedDataset(
         data_args.data_path, tokenizer, image_processor, data_args, model_config, max_length=max_length, seed=seed
     )
-    return {
-        "train_dataset": train_dataset,
-        "eval_dataset": None,
-        "data_collator": DataCollatorForSupervisedDataset(tokenizer=tokenizer),
-    }
+    if max_packed_length is not None:
+        collator = PackedDataCollator(tokenizer=tokenizer, max_packed_length=max_packed_length)
+    else:
+        collator = DataCollatorForSupervisedDataset(tokenizer=tokenizer)
+    return {"train_dataset": train_dataset, "eval_dataset": None, "data_collator": collator}

@@ -37,11 +37,15 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .data import AnnotationError, load_annotations
+import numpy as np
+
+from .annotations import AnnotationError, load_annotations
+from .samples import TrainingSamples
+from .store import STORE_FORMAT, open_annotation_store, publish, store_key, write_manifest
 
 logger = logging.getLogger("llava.train.data")
 
-__all__ = ["MixtureError", "SourceSummary", "is_mixture_file", "load_mixture"]
+__all__ = ["MixtureError", "SourceSpec", "SourceSummary", "is_mixture_file", "load_mixture", "open_mixture", "read_mixture"]
 
 MIXTURE_SUFFIXES = (".yaml", ".yml")
 AMOUNT_KEYS = ("ratio", "percent", "count")
@@ -218,28 +222,35 @@ def _path_field(entry: dict, key: str, where: str, base: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def load_mixture(
+@dataclass(frozen=True)
+class SourceSpec:
+    """One validated source of a mixture file: its annotation file (checked to exist), the folders its samples'
+    relative paths resolve against, its amount (``None``: every sample once) and ``where`` it is in the file."""
+
+    name: str
+    annotation: str
+    video_folder: str | None
+    image_folder: str | None
+    amount: tuple[str, float] | None
+    where: str
+
+
+def read_mixture(
     path: str | os.PathLike[str],
     *,
     seed: int = 0,
     video_folder: str | None = None,
     image_folder: str | None = None,
-) -> tuple[list[dict], list[SourceSummary]]:
-    """Read a mixture file, validate every source and its annotations, and draw each source's samples.
-
-    Args:
-        path: the mixture file (YAML, or a JSON object with ``sources``).
-        seed: the draws' seed when the file gives none.
-        video_folder, image_folder: the command line's folders, for sources that give neither.
+) -> tuple[list[SourceSpec], int]:
+    """Read and validate a mixture file (not its annotation files).
 
     Returns:
-        ``(samples, summaries)``: the samples of every source in the mixture's order (media paths resolved), and
-        what each source contributed.
+        ``(sources, seed)``: each source with its folders resolved (its own, else ``video_folder`` /
+        ``image_folder``), and the draws' seed (the file's, else ``seed``).
 
     Raises:
-        MixtureError: the file cannot be read or parsed, a source is malformed, its annotation file is missing or
-            has a malformed sample (the message names the source, its line in the mixture file and, for an
-            annotation problem, the annotation file's line or index), or it selects no sample.
+        MixtureError: the file cannot be read or parsed, a source is malformed or its annotation file or one of
+            its folders is missing (the message names the source and its line in the mixture file).
     """
     path = os.fspath(path)
     try:
@@ -267,8 +278,7 @@ def load_mixture(
         raise MixtureError(f"{path}: 'sources' must be a non-empty list of sources")
 
     base = os.path.dirname(os.path.abspath(path))
-    samples: list[dict] = []
-    summaries: list[SourceSummary] = []
+    sources: list[SourceSpec] = []
     names: dict[str, str] = {}
     for number, entry in enumerate(entries, start=1):
         line = getattr(entry, "line", None)
@@ -297,15 +307,103 @@ def load_mixture(
         folders = (own_video, own_image) if (own_video or own_image) else (video_folder, image_folder)
         if not os.path.isfile(annotation):
             raise MixtureError(f"{where}: annotation file '{annotation}' does not exist")
-        try:
-            records = load_annotations(annotation, video_folder=folders[0], image_folder=folders[1])
-        except AnnotationError as err:
-            raise MixtureError(f"{where}: {err}") from None
-        count, label = _selected_count(amount, len(records), where)
-        samples.extend(records[i] for i in _select(len(records), count, seed, name))
-        summaries.append(SourceSummary(name, annotation, len(records), count, label))
+        sources.append(SourceSpec(name, annotation, folders[0], folders[1], amount, where))
+    return sources, seed
 
-    logger.info("data mixture %s: %d sources, %d samples (seed %d)", path, len(summaries), len(samples), seed)
+
+def _log_mixture(path: str, summaries: list[SourceSummary], total: int, seed: int) -> None:
+    logger.info("data mixture %s: %d sources, %d samples (seed %d)", path, len(summaries), total, seed)
     for summary in summaries:
         logger.info("  %s", summary.describe())
+
+
+def load_mixture(
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    video_folder: str | None = None,
+    image_folder: str | None = None,
+) -> tuple[list[dict], list[SourceSummary]]:
+    """Read a mixture file, validate every source and its annotations, and draw each source's samples, into a
+    list (training reads mixtures through :func:`open_mixture`, which keeps the samples on disk).
+
+    Args:
+        path: the mixture file (YAML, or a JSON object with ``sources``).
+        seed: the draws' seed when the file gives none.
+        video_folder, image_folder: the command line's folders, for sources that give neither.
+
+    Returns:
+        ``(samples, summaries)``: the samples of every source in the mixture's order (media paths resolved), and
+        what each source contributed.
+
+    Raises:
+        MixtureError: the file cannot be read or parsed, a source is malformed, its annotation file is missing or
+            has a malformed sample (the message names the source, its line in the mixture file and, for an
+            annotation problem, the annotation file's line or index), or it selects no sample.
+    """
+    path = os.fspath(path)
+    sources, seed = read_mixture(path, seed=seed, video_folder=video_folder, image_folder=image_folder)
+    samples: list[dict] = []
+    summaries: list[SourceSummary] = []
+    for source in sources:
+        try:
+            records = load_annotations(source.annotation, video_folder=source.video_folder, image_folder=source.image_folder)
+        except AnnotationError as err:
+            raise MixtureError(f"{source.where}: {err}") from None
+        count, label = _selected_count(source.amount, len(records), source.where)
+        samples.extend(records[i] for i in _select(len(records), count, seed, source.name))
+        summaries.append(SourceSummary(source.name, source.annotation, len(records), count, label))
+    _log_mixture(path, summaries, len(samples), seed)
+    return samples, summaries
+
+
+def open_mixture(
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    video_folder: str | None = None,
+    image_folder: str | None = None,
+    cache_dir: str | None = None,
+) -> tuple[TrainingSamples, list[SourceSummary]]:
+    """The training samples of a mixture file, kept in the annotation store (:mod:`llava.train.store`): one store
+    per annotation file, and the mixture's draws as a memory-mapped index of rows (built once, like a store).
+
+    Returns:
+        ``(samples, summaries)``: a :class:`~llava.train.samples.TrainingSamples` and what each source contributed.
+
+    Raises:
+        MixtureError: as :func:`load_mixture`.
+    """
+    path = os.fspath(path)
+    sources, seed = read_mixture(path, seed=seed, video_folder=video_folder, image_folder=image_folder)
+    stores, summaries, counts = [], [], []
+    for source in sources:
+        try:
+            store = open_annotation_store(
+                source.annotation, video_folder=source.video_folder, image_folder=source.image_folder, cache_dir=cache_dir
+            )
+        except AnnotationError as err:
+            raise MixtureError(f"{source.where}: {err}") from None
+        count, label = _selected_count(source.amount, len(store), source.where)
+        stores.append(store)
+        counts.append(count)
+        summaries.append(SourceSummary(source.name, source.annotation, len(store), count, label))
+
+    plan = [(s.name, os.path.basename(store.folder), count) for s, store, count in zip(sources, stores, counts)]
+    final = os.path.join(os.path.dirname(stores[0].folder), f"mixture-{store_key('mixture', STORE_FORMAT, seed, plan)}")
+
+    def build(tmp: str) -> None:
+        os.makedirs(tmp)
+        offsets = np.cumsum([0] + [len(store) for store in stores])
+        parts = [
+            offsets[k] + np.asarray(_select(len(store), count, seed, source.name), dtype=np.int64)
+            for k, (source, store, count) in enumerate(zip(sources, stores, counts))
+        ]
+        np.save(os.path.join(tmp, "index.npy"), np.concatenate(parts))
+        write_manifest(tmp, dict(mixture=os.path.abspath(path), seed=seed, plan=plan, rows=int(sum(counts))))
+
+    publish(final, build, f"draws of mixture {path}")
+    index = np.load(os.path.join(final, "index.npy"), mmap_mode="r")
+    samples = TrainingSamples(stores, index)
+    _log_mixture(path, summaries, len(samples), seed)
     return samples, summaries

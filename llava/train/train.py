@@ -296,7 +296,7 @@ def _train(model_args, data_args, training_args, stop_request: StopRequest, pars
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     data_module = agreed(lambda: make_supervised_data_module(
         tokenizer, image_processor, data_args, base_model.config, max_length=training_args.model_max_length,
-        seed=data_seed,
+        seed=data_seed, max_packed_length=training_args.max_packed_length if training_args.packing else None,
     ))
     trainer = SlowFastTrainer(
         model=model, args=training_args, processing_class=tokenizer, stop_request=stop_request, run_record=run,

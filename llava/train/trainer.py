@@ -103,8 +103,18 @@ class SlowFastTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def get_train_dataloader(self):
-        # A cluster's stop signal reaches the DataLoader workers too: they ignore it and the trainer decides.
-        return shield_workers(super().get_train_dataloader())
+        """The Trainer's loader, or one of planned micro-batches with ``--packing`` / ``--max_tokens_per_batch``
+        (:mod:`llava.train.loader`); DataLoader workers are forked after the parent's objects are frozen, and a
+        cluster's stop signal reaching them is ignored (the trainer decides)."""
+        from .loader import freeze_before_fork, planned_batch_sampler, planned_dataloader
+
+        if self.args.dataloader_num_workers:
+            freeze_before_fork()
+        sampler = planned_batch_sampler(self.train_dataset, self.args)
+        if sampler is None:
+            return shield_workers(super().get_train_dataloader())
+        loader = planned_dataloader(self.train_dataset, sampler, self.data_collator, self.args)
+        return self.accelerator.prepare(shield_workers(loader))
 
     def get_eval_dataloader(self, eval_dataset=None):
         return shield_workers(super().get_eval_dataloader(eval_dataset))
