@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import expand2square
 from llava.model.slow_fast import SlowFastParams, count_visual_tokens
-from llava.video import load_video
+from llava.media_gate import open_image
+from llava.video import VideoLoadError, load_video
 
 from .annotations import AnnotationError, load_annotations
 from .collators import DataCollatorForSupervisedDataset, PackedDataCollator
@@ -368,10 +369,11 @@ class LazySupervisedDataset(Dataset):
         """``[1, 3, S, S]`` pixels of one image, padded to a square first with ``image_aspect_ratio="pad"``."""
         if not os.path.exists(path):
             raise SampleError(f"image file '{path}' does not exist")
+        # the shared media gate: allowed formats only, size checked from the header before the pixels are decoded
         try:
-            with Image.open(path) as raw:
+            with open_image(path) as raw:
                 image = raw.convert("RGB")
-        except (OSError, Image.DecompressionBombError) as err:
+        except (OSError, VideoLoadError) as err:
             raise SampleError(f"cannot read image '{path}': {err}") from err
         if self.data_args.image_aspect_ratio == "pad":
             fill = tuple(int(x * 255) for x in self.image_processor.image_mean)
