@@ -371,16 +371,16 @@ def test_flash_informed_guess_rules_out_the_shapes_colours(tmp_path):
         flash_informed_guess(tmp_path)
 
 
-def test_readme_shows_the_committed_ablation_output():
+def test_the_tiny_model_page_shows_the_committed_ablation_output():
     results = json.loads((REPO / "assets/ablation/ablation.json").read_text())
     table = (REPO / "assets/ablation/ablation.md").read_text()
-    readme = (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "tiny-model.md").read_text()
 
     assert set(results["variants"]) == set(VARIANTS)
     assert table == render_markdown(results)
     for line in table.strip().splitlines():
-        assert line in readme, line
-    assert "assets/ablation/ablation.png" in readme and (REPO / "assets/ablation/ablation.png").is_file()
+        assert line in page, line
+    assert "assets/ablation/ablation.png" in page and (REPO / "assets/ablation/ablation.png").is_file()
     # (f) is the committed checkpoint: its row is that checkpoint's test score
     committed = json.loads((TINY / "eval_test.json").read_text())
     assert results["variants"]["refined"]["accuracy"] == {f: r["accuracy"] for f, r in committed["families"].items()}

@@ -1,2 +1,7 @@
-"""Evaluation: the lmms-eval model ``slowfast_videomllm`` (:mod:`llava.eval.lmms_eval_model`), registered
-through the ``lmms_eval.models`` entry point (:mod:`llava.eval.lmms_eval_manifest`). Needs the ``eval`` extra."""
+"""Evaluation with the released lmms-eval (needs the ``eval`` extra).
+
+- ``lmms_eval_model``: the lmms-eval model ``slowfast_videomllm`` (requests, batching, video cache, likelihoods);
+- ``protocol``: the evaluation protocols (``default``, ``reference``) and per-request generation settings;
+- ``lmms_eval_manifest``: what the ``lmms_eval.models`` entry point registers;
+- ``checked_run``: runs an lmms-eval command and fails when lmms-eval reports an error with exit status 0.
+"""

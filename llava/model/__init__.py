@@ -1,4 +1,14 @@
-"""The Slow-Fast model; importing this package registers it with transformers' Auto classes."""
+"""The Slow-Fast model; importing this package registers it with transformers' Auto classes.
+
+- ``configuration_llava_qwen_slow_fast``: the config, with the reference's field names, validated at load;
+- ``modeling_llava_qwen_slow_fast``: the model (vision path, merging fast tokens into the text, forward, generate);
+- ``slow_fast``: the slow/fast split and the slow-token position encoding;
+- ``hybrid_layer``: the hybrid decoder layer and its gated cross-attention;
+- ``cache``: the generation caches that keep each hybrid layer's slow keys/values;
+- ``vision_tower``: timm's ConvNeXt as the tower; ``projector``: the projector;
+- ``builder``: ``load_pretrained_model``; ``tokenizer_utils``: a tiny offline Qwen2-compatible tokenizer;
+- ``tiny``: tiny random checkpoints; ``export``: fp16 export of a trained checkpoint.
+"""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
