@@ -152,11 +152,11 @@ def index_seconds(path: Path) -> float:
     """Seconds the PyAV path spends reading the packet index (demuxing every packet, decoding none)."""
     import av
 
-    from llava.video import _pyav_packet_index
+    from llava.video_index import read_packet_index
 
     begin = time.perf_counter()
     with av.open(str(path)) as container:
-        _pyav_packet_index(container, container.streams.video[0], None)
+        read_packet_index(container, container.streams.video[0], None)
     return time.perf_counter() - begin
 
 
@@ -164,10 +164,11 @@ def frames_decoded(path: Path, num_frames: int) -> dict[str, int | None]:
     """How many frames each way decodes to sample ``num_frames`` uniformly (decord: not exposed)."""
     import av
 
-    from llava.video import _pyav_packet_index, _pyav_seek_decode
+    from llava.video import _pyav_seek_decode
+    from llava.video_index import read_packet_index
 
     with av.open(str(path)) as container:
-        index = _pyav_packet_index(container, container.streams.video[0], None)
+        index = read_packet_index(container, container.streams.video[0], None)
     if index is None:
         raise RuntimeError(f"{path}: PyAV cannot index this video's packets")
     indices = uniform_frame_indices(len(index.frame_pts), num_frames)

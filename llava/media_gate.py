@@ -17,7 +17,7 @@ training) passes every file through here first:
   before it is decoded), and :attr:`MediaLimits.max_decode_seconds` runs the decoding in a worker process that
   is killed when it overruns (:func:`run_with_deadline`), whichever backend decodes.
 
-Each refusal is a :class:`MediaRefused` (a :class:`~llava.video.VideoLoadError`) naming the file and the limit.
+Each refusal is a :class:`MediaRefused` (a :class:`~llava.video_index.VideoLoadError`) naming the file and the limit.
 The defaults (:data:`DEFAULT_LIMITS`) only refuse what no training set holds; what comes from the network gets
 :data:`UPLOAD_LIMITS` (the API server moves each bound with an option).
 """
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llava.video import VideoLoadError
+from llava.video_index import VideoLoadError, read_packet_index, valid_fps
 
 __all__ = [
     "DEFAULT_CODECS",
@@ -232,7 +232,7 @@ def open_image(path: str, limits: MediaLimits | None = None, shown_path: str | N
     :attr:`MediaLimits.image_formats` or a size over :attr:`MediaLimits.max_side` / ``max_pixels``.
 
     ``shown_path`` is the name used in errors (a frames folder's path for one of its frames). The caller
-    closes the image. Raises :class:`MediaRefused` or :class:`~llava.video.VideoLoadError`.
+    closes the image. Raises :class:`MediaRefused` or :class:`~llava.video_index.VideoLoadError`.
     """
     import warnings
 
@@ -285,7 +285,7 @@ def probe(path: str, limits: MediaLimits | None = None, *, as_image: bool = Fals
 
     ``as_image`` opens it with Pillow (the caller decided it is a still image, by its name); a GIF with several
     frames comes back as ``kind="video"`` and is then probed as a video. Raises :class:`MediaRefused` for
-    a refused container, codec, size, duration or frame count, :class:`~llava.video.VideoLoadError` for
+    a refused container, codec, size, duration or frame count, :class:`~llava.video_index.VideoLoadError` for
     an unreadable file.
     """
     limits = limits or DEFAULT_LIMITS
@@ -375,14 +375,13 @@ def check_decode_work(path: str, wanted: Callable[[int, float], list[int]], limi
     limit = limits.max_decode_frames
     if limit is None:
         return
-    from llava.video import _pyav_packet_index, _valid_fps
 
     with open_container(path, limits) as container:
         stream = container.streams.video[0]
-        fps = _valid_fps(stream.average_rate) or _valid_fps(stream.guessed_rate) or _valid_fps(stream.base_rate)
+        fps = valid_fps(stream.average_rate) or valid_fps(stream.guessed_rate) or valid_fps(stream.base_rate)
         if fps is None:
             return  # load_video refuses it with its own message
-        index = _pyav_packet_index(container, stream, fps)
+        index = read_packet_index(container, stream, fps)
         total = len(index.frame_pts) if index is not None else int(stream.frames or 0)
     if total <= 0:
         return
@@ -539,7 +538,7 @@ def run_with_deadline(target: Callable[..., Any], args: tuple[Any, ...], seconds
 
     ``target`` must be a module-level function (it is pickled by name); its result comes back pickled.
     Starting a worker is not counted in ``seconds``; idle workers are kept for later jobs. Raises
-    :class:`MediaRefused` (``max_decode_seconds``) on an overrun; a :class:`~llava.video.VideoLoadError` raised
+    :class:`MediaRefused` (``max_decode_seconds``) on an overrun; a :class:`~llava.video_index.VideoLoadError` raised
     by ``target`` is raised again here.
     """
     worker: _Worker | None = _WORKERS.take()

@@ -17,15 +17,15 @@ raises :class:`VideoLoadError` whose message names the path and the cause.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from llava.video_index import PacketIndex, VideoLoadError, read_packet_index, valid_fps
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
 _BACKENDS = ("auto", "decord", "pyav")
-
-
-class VideoLoadError(ValueError):
-    """The input could not be read as a video; the message names the path and the cause."""
-
-    def __init__(self, path: str | os.PathLike[str], cause: str) -> None:
-        self.path = os.fspath(path)
-        self.cause = cause
-        super().__init__(f"cannot read video '{self.path}': {cause}")
 
 
 @dataclass
@@ -261,14 +252,6 @@ def _select_indices(total_frames: int, video_fps: float, max_frames: int, fps: f
     return fps_frame_indices(total_frames, video_fps, fps, max_frames)
 
 
-def _valid_fps(value: Any) -> float | None:
-    try:
-        rate = float(value)
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-    return rate if np.isfinite(rate) and rate > 0 else None
-
-
 def _read_rgb_image(path: str, shown_path: str, limits: Any) -> np.ndarray:
     """Decode one image (checked by :func:`llava.media_gate.open_image`) to ``uint8`` ``[H, W, 3]`` RGB; errors
     name ``shown_path``."""
@@ -336,7 +319,7 @@ def _load_with_decord(decord: Any, path: str, max_frames: int, fps: float | None
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         total = len(reader)
-        video_fps = _valid_fps(reader.get_avg_fps())
+        video_fps = valid_fps(reader.get_avg_fps())
     except Exception as err:  # decord raises DECORDError, RuntimeError, ... depending on the failure
         raise VideoLoadError(path, f"decoder error: {err}") from err
     if total <= 0:
@@ -402,100 +385,6 @@ class _Decoded(NamedTuple):
     time: float | None
 
 
-@dataclass
-class _PacketIndex:
-    """Where each frame of a video stream lies, read from its packets without decoding them.
-
-    Packets are numbered by *position*, their order in the file (decode order); frames by their order of
-    presentation, which is the order sequential decoding outputs them, so frame ``i`` here is the ``i``-th frame
-    that decoding from the start yields. Timestamps are in the stream's ``time_base``.
-    """
-
-    packet_pts: list[int]  # by position
-    packet_dts: list[int | None]  # by position
-    keyframes: list[int]  # positions of keyframe packets, ascending; always starts with 0
-    frame_pts: list[int]  # by frame, ascending
-    frame_position: list[int]  # by frame: the position of its packet
-    time_base: Fraction
-    duration: float  # seconds from frame 0's start to the end of the last frame
-
-    def start_keyframe(self, frame: int) -> int:
-        """Position of the keyframe to start decoding from to get ``frame`` exactly as sequential decoding does.
-
-        That is the last keyframe before the frame's packet whose own presentation time is not after the frame
-        (in an open GOP, the frames shown just before a keyframe are decoded after it but refer to the previous
-        group, so they need the keyframe before); position 0 when there is none.
-        """
-        position = self.frame_position[frame]
-        k = bisect.bisect_right(self.keyframes, position) - 1
-        while k > 0 and self.packet_pts[self.keyframes[k]] > self.frame_pts[frame]:
-            k -= 1
-        return self.keyframes[max(k, 0)]
-
-
-def _pyav_packet_index(container: Any, stream: Any, frame_rate: float | None) -> _PacketIndex | None:
-    """Read every packet of ``stream`` (demuxing only, no decoding) into a :class:`_PacketIndex`.
-
-    ``None`` when the packets cannot be trusted to stand for the decoded frames one to one: a packet without a
-    presentation time, two packets with the same one, or a first packet that is not a keyframe (the decoder
-    may then drop frames at the start). Packets the container marks for discarding (cut by an edit list) are
-    decoded for their references but output no frame, so they are packets here but not frames.
-
-    ``frame_rate`` (frames per second) gives the last frame a length when its packet has none.
-    """
-    pts: list[int] = []
-    dts: list[int | None] = []
-    keyframes: list[int] = []
-    frames: list[tuple[int, int]] = []  # (pts, position)
-    lengths: dict[int, int] = {}  # pts -> packet duration
-    for packet in container.demux(stream):
-        if packet.size == 0 and packet.pts is None and packet.dts is None:
-            continue  # the empty packet PyAV yields at the end to drain the decoder
-        if packet.pts is None or packet.size == 0:
-            return None
-        position = len(pts)
-        pts.append(int(packet.pts))
-        dts.append(None if packet.dts is None else int(packet.dts))
-        if packet.is_keyframe:
-            keyframes.append(position)
-        if not packet.is_discard:
-            frames.append((int(packet.pts), position))
-            lengths[int(packet.pts)] = int(packet.duration or 0)
-    if len(set(pts)) != len(pts):
-        return None
-    if pts and (not keyframes or keyframes[0] != 0):
-        return None
-    frames.sort()
-    time_base = Fraction(stream.time_base) if stream.time_base else None
-    if time_base is None or time_base <= 0:
-        return None
-    duration = 0.0
-    if frames:
-        frame_pts = [p for p, _ in frames]
-        duration = float((frame_pts[-1] - frame_pts[0]) * time_base)
-        duration += _last_frame_seconds(frame_pts, lengths, time_base, frame_rate)
-    return _PacketIndex(
-        packet_pts=pts,
-        packet_dts=dts,
-        keyframes=keyframes,
-        frame_pts=[p for p, _ in frames],
-        frame_position=[position for _, position in frames],
-        time_base=time_base,
-        duration=duration,
-    )
-
-
-def _last_frame_seconds(frame_pts: list[int], lengths: dict[int, int], time_base: Fraction, rate: float | None) -> float:
-    """How long the last frame (``frame_pts`` ascending, ``lengths`` packet durations by pts) is shown, in seconds:
-    its packet's duration where every other frame's equals the gap to the next (GIF delays), else one interval at
-    ``rate``, as decord counts. FFmpeg 8 (PyAV 16-18) gives MP4 packets decode-time steps as durations, FFmpeg 6-7
-    (PyAV 14-15) none: trusting them gave a VFR MP4 1.70 s on PyAV 18, 1.65 s on PyAV 15 and decord."""
-    durations = [lengths[pts] for pts in frame_pts]
-    if durations[-1] > 0 and durations[:-1] == [b - a for a, b in zip(frame_pts, frame_pts[1:])]:
-        return float(durations[-1] * time_base)
-    return 1.0 / rate if rate else 0.0
-
-
 def _quarter_turns(frame: Any) -> int:
     """Counter-clockwise quarter turns that make ``frame`` upright, from its display matrix (0 without one)."""
     try:
@@ -530,13 +419,13 @@ def _load_with_pyav(path: str, max_frames: int, fps: float | None) -> VideoClip:
                 raise VideoLoadError(path, "no decodable video stream")
             stream = container.streams.video[0]
             video_fps = (
-                _valid_fps(stream.average_rate) or _valid_fps(stream.guessed_rate) or _valid_fps(stream.base_rate)
+                valid_fps(stream.average_rate) or valid_fps(stream.guessed_rate) or valid_fps(stream.base_rate)
             )
             if video_fps is None:
                 raise VideoLoadError(path, "video reports no frame rate")
             stream_frames = int(stream.frames or 0)
             try:
-                index = _pyav_packet_index(container, stream, _valid_fps(stream.base_rate) or video_fps)
+                index = read_packet_index(container, stream, valid_fps(stream.base_rate) or video_fps)
             except av.FFmpegError as err:  # e.g. a damaged tail: decode in order, as far as the frames go
                 logger.debug("cannot index the packets of %s (%s); decoding it sequentially", path, err)
                 index = None
@@ -622,9 +511,9 @@ def _pyav_decode_indices(path: str, indices: list[int]) -> tuple[dict[int, _Deco
     return found, decoded
 
 
-def _pyav_seek_decode(path: str, index: _PacketIndex, indices: list[int]) -> tuple[dict[int, _Decoded], int] | None:
+def _pyav_seek_decode(path: str, index: PacketIndex, indices: list[int]) -> tuple[dict[int, _Decoded], int] | None:
     """Decode the frames ``indices`` by seeking: for each, jump to the keyframe it needs
-    (:meth:`_PacketIndex.start_keyframe`) unless the decoder is already past it, then decode forward to it.
+    (:meth:`PacketIndex.start_keyframe`) unless the decoder is already past it, then decode forward to it.
 
     The decoder is fed exactly the packets that sequential decoding would feed it from that keyframe on, so the
     frames are the ones :func:`_pyav_decode_indices` returns, pixel for pixel. Returns the kept frames by index
@@ -676,7 +565,7 @@ def _pyav_seek_decode(path: str, index: _PacketIndex, indices: list[int]) -> tup
 
 
 def _seek_to_keyframe(
-    container: Any, stream: Any, index: _PacketIndex, key: int, position_of_pts: dict[int, int]
+    container: Any, stream: Any, index: PacketIndex, key: int, position_of_pts: dict[int, int]
 ) -> Any:
     """Seek so that demuxing resumes at the keyframe packet at position ``key``.
 

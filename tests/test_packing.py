@@ -19,7 +19,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from llava.constants import IGNORE_INDEX, TOKEN_TYPE_VISUAL
 from llava.model import hybrid_layer
-from llava.model.packing import SlowSegments, packed_cross_attention, prepare_packed_inputs
+from llava.model.hybrid_layer import packed_cross_attention
+from llava.model.packing import SlowSegments, prepare_packed_inputs
 from llava.model.slow_fast import SlowFastParams, count_visual_tokens
 from llava.train.collators import DataCollatorForSupervisedDataset, PackedDataCollator
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from llava import video as video_mod
+from llava.video_index import PacketIndex, read_packet_index
 from llava.video import (
     VideoClip,
     VideoLoadError,
@@ -475,7 +476,7 @@ def test_vfr_mp4_duration_is_the_same_whichever_packet_durations_ffmpeg_reports(
     durations = [0] * 10 if pyav == "15" else VFR_MP4_DECODE_STEPS
     packets = [_FakePacket(p, d, n, keyframe=i == 0) for i, ((p, d), n) in enumerate(zip(VFR_MP4_PACKETS, durations))]
     stream = type("Stream", (), {"time_base": Fraction(1, 16000)})()
-    index = video_mod._pyav_packet_index(_FakeDemuxer(packets), stream, frame_rate=20.0)
+    index = read_packet_index(_FakeDemuxer(packets), stream, frame_rate=20.0)
     assert index.frame_pts == sorted(p for p, _ in VFR_MP4_PACKETS)
     # the last frame is shown at 1.6 s and lasts one interval at the stream's 20 fps, as decord counts it
     assert index.duration == pytest.approx(1.6 + 1 / 20)
@@ -486,7 +487,7 @@ def test_presentation_packet_durations_give_the_last_frames_length() -> None:
     starts, delays = [0, 10, 30, 60, 100], [10, 20, 30, 40, 50]
     packets = [_FakePacket(p, p, n, keyframe=i == 0) for i, (p, n) in enumerate(zip(starts, delays))]
     stream = type("Stream", (), {"time_base": Fraction(1, 100)})()
-    index = video_mod._pyav_packet_index(_FakeDemuxer(packets), stream, frame_rate=10.0)
+    index = read_packet_index(_FakeDemuxer(packets), stream, frame_rate=10.0)
     assert index.duration == pytest.approx(1.5)
 
 
@@ -525,9 +526,9 @@ def gop_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _packet_index(path: Path) -> video_mod._PacketIndex:
+def _packet_index(path: Path) -> PacketIndex:
     with av.open(str(path)) as container:
-        index = video_mod._pyav_packet_index(container, container.streams.video[0], VIDEO_FPS)
+        index = read_packet_index(container, container.streams.video[0], VIDEO_FPS)
     assert index is not None
     return index
 

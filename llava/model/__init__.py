@@ -5,6 +5,8 @@
 - ``slow_fast``: the slow/fast split and the slow-token position encoding;
 - ``hybrid_layer``: the hybrid decoder layer and its gated cross-attention;
 - ``cache``: the generation caches that keep each hybrid layer's slow keys/values;
+- ``packing``: packed training rows (positions restarting per sample, each sample's slow-token segment);
+- ``compat``: what differs between supported transformers releases (the cache argument's name);
 - ``vision_tower``: timm's ConvNeXt as the tower; ``projector``: the projector;
 - ``builder``: ``load_pretrained_model``; ``tokenizer_utils``: a tiny offline Qwen2-compatible tokenizer;
 - ``tiny``: tiny random checkpoints; ``export``: fp16 export of a trained checkpoint.

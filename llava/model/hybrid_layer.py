@@ -170,8 +170,6 @@ class SlowCrossAttention(nn.Module):
         ``slow_segments`` (packed rows, :class:`llava.model.packing.SlowSegments`): each sample's queries read only
         its own slow tokens (no weights are returned)."""
         if slow_segments is not None:
-            from .packing import packed_cross_attention
-
             use_flash = attn_implementation == "flash_attention_2"
             return packed_cross_attention(query, keys, values, slow_segments, scaling, use_flash=use_flash), None
         if attn_implementation == "eager":
@@ -208,6 +206,47 @@ def _flash_varlen_cross_attention(
     cu_k = F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0))
     out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, int(k_lens.max()), softmax_scale=scaling, causal=False)
     context[query_mask] = out.to(context.dtype)
+    return context.reshape(batch, length, heads * head_dim)
+
+
+def packed_cross_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    segments,
+    scaling: float,
+    use_flash: bool = False,
+) -> torch.Tensor:
+    """Each sample's querying rows of ``query`` ``[B, H, L, D]`` attend (non-causally) to its own slow ``keys`` /
+    ``values`` ``[B, Hkv, S, D]`` only, ``segments`` being a packed batch's
+    :class:`llava.model.packing.SlowSegments`. Returns ``[B, L, H*D]``, zero outside the querying positions.
+
+    ``use_flash`` (``flash_attention_2``) takes flash-attn's variable-length kernel when it accepts the query's
+    device and dtype; otherwise the samples are gathered into a padded batch ``[N, H, max_q, D]`` against
+    ``[N, Hkv, max_k, D]`` for SDPA, so every query sees exactly its own sample's keys.
+    """
+    batch, heads, length, head_dim = query.shape
+    kv_heads, slow = keys.shape[1], keys.shape[2]
+    context = query.new_zeros(batch * length, heads, head_dim)
+    if not len(segments.query_index):
+        return context.reshape(batch, length, heads * head_dim)
+    q = query.transpose(1, 2).reshape(batch * length, heads, head_dim).index_select(0, segments.query_index)
+    k = keys.transpose(1, 2).reshape(batch * slow, kv_heads, head_dim).index_select(0, segments.key_index)
+    v = values.transpose(1, 2).reshape(batch * slow, kv_heads, head_dim).index_select(0, segments.key_index)
+    if use_flash and flash_kernel_accepts(query):
+        out = flash_attn_varlen_func(
+            q, k, v, segments.cu_q, segments.cu_k, segments.max_q, segments.max_k, softmax_scale=scaling, causal=False
+        )
+    else:
+        padded = grouped_query_attention(
+            q[segments.q_gather].transpose(1, 2),
+            k[segments.k_gather].transpose(1, 2),
+            v[segments.k_gather].transpose(1, 2),
+            segments.k_valid,
+            scaling,
+        )  # [N, H, max_q, D]
+        out = padded.transpose(1, 2)[segments.q_valid]
+    context = context.index_copy(0, segments.query_index, out.to(context.dtype))
     return context.reshape(batch, length, heads * head_dim)
 
 

@@ -4,6 +4,10 @@ and slow tokens read by hybrid decoder layers.
 The language model is transformers' Qwen2 (its layers, attention interface, masks and rotary embedding);
 this file only adds the vision path, the merge of fast tokens into the text, and the routing of slow tokens
 to the hybrid layers (see ``slow_fast.py``, ``hybrid_layer.py`` and ``cache.py``).
+
+Longer than 700 lines because it holds the two model classes transformers expects of a modeling file, the decoder
+loop that routes the slow tokens and the causal LM (the vision path, the merge, forward, generation inputs and
+cache handling), which share their private helpers; the pieces with one job each live in the modules above.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from .configuration_llava_qwen_slow_fast import CROSS_ATTN_KV_INIT_LAYOUTS, Llav
 from .hybrid_layer import SlowCrossAttention, SlowFastAttention, SlowFastDecoderLayer, cross_attn_query_mask
 from .packing import prepare_packed_inputs
 from .projector import ProjectorLinear, build_projector
-from .slow_fast import SlowFastParams, SlowFastTokens, SlowTokenPositionEncoding, split_slow_fast
+from .slow_fast import SlowFastParams, SlowFastTokens, SlowTokenPositionEncoding, match_images_to_tokens, split_slow_fast
 from .vision_tower import ConvNeXtVisionTower, _ConvNeXtBlockWeightNamed
 
 logger = logging.getLogger(__name__)
@@ -334,7 +338,7 @@ class LlavaQwenSlowFastForCausalLM(LlavaQwenSlowFastPreTrainedModel, GenerationM
         attention_mask = attention_mask.to(device=device, dtype=torch.bool)
         num_image_tokens = int((input_ids == IMAGE_TOKEN_INDEX).sum())
         if visual_tokens is None:
-            visual_tokens = self.encode_images(_match_images_to_tokens(images, num_image_tokens)) if num_image_tokens else []
+            visual_tokens = self.encode_images(match_images_to_tokens(images, num_image_tokens)) if num_image_tokens else []
         if len(visual_tokens) != num_image_tokens:
             raise ValueError(
                 f"the batch has {num_image_tokens} <image> tokens but {len(visual_tokens)} images/videos were given"
@@ -701,12 +705,3 @@ def _as_frame_stacks(images) -> list[torch.Tensor]:
             raise ValueError(f"images[{i}] has shape {tuple(item.shape)}; expected [frames, 3, H, W] with frames >= 1")
         items.append(item)
     return items
-
-
-def _match_images_to_tokens(images, num_image_tokens: int):
-    """A single ``[N, 3, H, W]`` tensor is N images when the batch has N placeholders, else one video."""
-    if images is None:
-        raise ValueError(f"the batch has {num_image_tokens} <image> tokens but no images were given")
-    if isinstance(images, torch.Tensor) and images.dim() == 4 and num_image_tokens == images.shape[0] > 1:
-        return list(images)
-    return images

@@ -10,7 +10,7 @@ its own placeholder and gives every merged position its sample, then:
   block-diagonal causal mask for SDPA/eager); with ``flash_attention_2`` the rows are flattened into one and
   the sample boundaries are handed to flash-attn's variable-length kernel (``cu_seq_lens_q/k``);
 * each row's slow tokens are its samples' slow tokens end to end, and :class:`SlowSegments` pairs every querying
-  position with its own sample's slow tokens only: :func:`packed_cross_attention` runs the cross-attention of
+  position with its own sample's slow tokens only: :func:`llava.model.hybrid_layer.packed_cross_attention` runs the cross-attention of
   each sample as a separate sequence (flash-attn's variable-length kernel on GPU; on CPU the same segments
   gathered into a padded batch for SDPA, with exactly the keys each query would have alone).
 
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from ..constants import IMAGE_TOKEN_INDEX, TOKEN_TYPE_RESPONSE, TOKEN_TYPE_TEXT, TOKEN_TYPE_VISUAL
 from .configuration_llava_qwen_slow_fast import cross_attn_query_mode
+from .slow_fast import match_images_to_tokens
 
-__all__ = ["PackedInputs", "SlowSegments", "packed_cross_attention", "prepare_packed_inputs"]
+__all__ = ["PackedInputs", "SlowSegments", "prepare_packed_inputs"]
 
 
 @dataclass
@@ -83,48 +84,6 @@ class SlowSegments:
         cu_q, q_gather, q_valid, max_q = cls._layout(both, torch.searchsorted(both, q_sample))
         cu_k, k_gather, k_valid, max_k = cls._layout(both, torch.searchsorted(both, k_sample))
         return cls(q_index, k_index, cu_q, cu_k, max_q, max_k, q_gather, q_valid, k_gather, k_valid)
-
-
-def packed_cross_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    segments: SlowSegments,
-    scaling: float,
-    use_flash: bool = False,
-) -> torch.Tensor:
-    """Each sample's querying rows of ``query`` ``[B, H, L, D]`` attend (non-causally) to its own slow ``keys`` /
-    ``values`` ``[B, Hkv, S, D]`` only. Returns ``[B, L, H*D]``, zero outside the querying positions.
-
-    ``use_flash`` (``flash_attention_2``) takes flash-attn's variable-length kernel when it accepts the query's
-    device and dtype; otherwise the samples are gathered into a padded batch ``[N, H, max_q, D]`` against
-    ``[N, Hkv, max_k, D]`` for SDPA, so every query sees exactly its own sample's keys.
-    """
-    from . import hybrid_layer  # the kernel is looked up there at call time (tests put a stand-in there)
-
-    batch, heads, length, head_dim = query.shape
-    kv_heads, slow = keys.shape[1], keys.shape[2]
-    context = query.new_zeros(batch * length, heads, head_dim)
-    if not len(segments.query_index):
-        return context.reshape(batch, length, heads * head_dim)
-    q = query.transpose(1, 2).reshape(batch * length, heads, head_dim).index_select(0, segments.query_index)
-    k = keys.transpose(1, 2).reshape(batch * slow, kv_heads, head_dim).index_select(0, segments.key_index)
-    v = values.transpose(1, 2).reshape(batch * slow, kv_heads, head_dim).index_select(0, segments.key_index)
-    if use_flash and hybrid_layer.flash_kernel_accepts(query):
-        out = hybrid_layer.flash_attn_varlen_func(
-            q, k, v, segments.cu_q, segments.cu_k, segments.max_q, segments.max_k, softmax_scale=scaling, causal=False
-        )
-    else:
-        padded = hybrid_layer.grouped_query_attention(
-            q[segments.q_gather].transpose(1, 2),
-            k[segments.k_gather].transpose(1, 2),
-            v[segments.k_gather].transpose(1, 2),
-            segments.k_valid,
-            scaling,
-        )  # [N, H, max_q, D]
-        out = padded.transpose(1, 2)[segments.q_valid]
-    context = context.index_copy(0, segments.query_index, out.to(context.dtype))
-    return context.reshape(batch, length, heads * head_dim)
 
 
 def packed_query_mask(
@@ -202,7 +161,6 @@ def prepare_packed_inputs(
     this function adds whose every merged position and slow token is. The vision tower runs before the embeddings,
     as in ``prepare_multimodal_inputs`` (under ZeRO-3 every rank gathers the parameters in the same order).
     """
-    from .modeling_llava_qwen_slow_fast import _match_images_to_tokens
 
     if input_ids is None or past_key_values is not None:
         raise ValueError("packed_sample_ids needs input_ids and no cache: packed rows are for training")
@@ -211,7 +169,7 @@ def prepare_packed_inputs(
     device = input_ids.device
     packed_sample_ids = packed_sample_ids.to(device)
     placeholders = int((input_ids == IMAGE_TOKEN_INDEX).sum())
-    visual_tokens = model.encode_images(_match_images_to_tokens(images, placeholders)) if placeholders else []
+    visual_tokens = model.encode_images(match_images_to_tokens(images, placeholders)) if placeholders else []
     blank = None
     tower = model.get_vision_tower()
     if not placeholders and model.training and tower is not None:

@@ -194,3 +194,12 @@ def count_visual_tokens(num_frames: int, grid_size: int, params: SlowFastParams)
     dummy = torch.zeros(num_frames, grid_size * grid_size, 1)
     tokens = split_slow_fast(dummy, params)
     return tokens.fast.shape[0], tokens.slow.shape[0]
+
+
+def match_images_to_tokens(images, num_image_tokens: int):
+    """A single ``[N, 3, H, W]`` tensor is N images when the batch has N placeholders, else one video."""
+    if images is None:
+        raise ValueError(f"the batch has {num_image_tokens} <image> tokens but no images were given")
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and num_image_tokens == images.shape[0] > 1:
+        return list(images)
+    return images

@@ -9,6 +9,7 @@
   ``server`` -- :class:`ChatServer`: a request to an engine job in stages that refuse before they work;
   ``app`` -- the FastAPI routes, server-sent events and serving in a thread;
   ``batching`` -- the engine that generates for many requests in one batch, failures isolated per request;
+  ``token_cache`` -- encoded visual tokens cached by content;
   ``media`` -- media URLs to bytes, read and decoded through :mod:`llava.media_gate`;
   ``limits`` -- admission: requests held and their memory; ``guards`` -- Host/Origin and content type;
   ``metrics`` -- Prometheus metrics; ``logprobs`` -- token log-probabilities.

@@ -14,7 +14,7 @@ A failing batch does not fail its neighbours: its jobs that have not produced a 
 so only the job that fails alone gets the error. New videos go through the vision tower in chunks of at most
 ``vision_chunk_frames`` frames (a long video alone), so one long video does not take the memory of all.
 
-Visual tokens are cached by content: :class:`TokenCache` maps ``(sha256 of the file, frames, fps, kind)`` to
+Visual tokens are cached by content: :class:`~llava.serve.token_cache.TokenCache` maps ``(sha256 of the file, frames, fps, kind)`` to
 the encoded :class:`~llava.model.slow_fast.SlowFastTokens`, least recently used first out, so a video sent
 twice is decoded and encoded once.
 """
@@ -36,6 +36,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from llava.mm_utils import template_stop
 from llava.model.slow_fast import SlowFastTokens
 from llava.serve.logprobs import LogprobRecorder, TokenText
+from llava.serve.token_cache import TokenCache
 
 __all__ = [
     "BatchingEngine",
@@ -171,40 +172,6 @@ class EngineObserver:
 
     def job_finished(self, job: GenerationJob, event: Finished | Failed, seconds: float) -> None:
         """``job`` ended with ``event``, ``seconds`` after it was queued."""
-
-
-# --------------------------------------------------------------------------------------------------- cache
-
-
-class TokenCache:
-    """A thread-safe LRU map from a content key to encoded visual tokens; ``capacity == 0`` caches nothing."""
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0, got {capacity}")
-        self.capacity = capacity
-        self._items: OrderedDict[Hashable, SlowFastTokens] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> SlowFastTokens | None:
-        with self._lock:
-            tokens = self._items.get(key)
-            if tokens is not None:
-                self._items.move_to_end(key)
-            return tokens
-
-    def put(self, key: Hashable, tokens: SlowFastTokens) -> None:
-        if self.capacity == 0:
-            return
-        with self._lock:
-            self._items[key] = tokens
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
 
 
 # --------------------------------------------------------------------------------------------------- rows

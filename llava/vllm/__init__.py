@@ -8,6 +8,11 @@ vLLM calls :func:`register` in every process through the ``vllm.general_plugins`
   encoder-decoder), so checkpoints load with their ``config.json`` unchanged;
 * the ``slowfast`` video loader (``llava.vllm.video_loader``), made the default for these checkpoints together with
   the trained frame count, unless ``--media-io-kwargs`` says otherwise.
+
+Beside them: ``layers`` -- the hybrid decoder layer for vLLM (Qwen2 attention plus paged cross-attention over the
+slow tokens); ``convnext`` -- the ConvNeXt tower in plain PyTorch (timm's weight names, no torchvision);
+``processing`` -- frames to pixels and the encoder/decoder prompts; ``model_parts`` -- the timm-free modules of
+``llava/model`` (configuration, slow/fast split), importable without ``llava/model/__init__.py``.
 """
 
 from __future__ import annotations
