@@ -477,6 +477,8 @@ class _Worker:
                 self.conn.recv()  # ("ready", None)
                 self.ready = True
             self.conn.send((target, args))
+            if not self.conn.poll(_STARTUP_TIMEOUT_S):
+                raise VideoLoadError(path, "the decoding process did not take the job")
             self.conn.recv()  # ("started", None): the deadline counts from here
             if not self.conn.poll(seconds):
                 _STOPPED.append(self.process.pid)
@@ -498,6 +500,12 @@ class _Workers:
         self.busy = 0
         self.lock = threading.Lock()
         atexit.register(self.close)
+        os.register_at_fork(after_in_child=self._forget_after_fork)
+
+    def _forget_after_fork(self) -> None:
+        # A forked child (a DataLoader worker) must not talk to its parent's workers: two processes on one socket
+        # would read each other's answers. It starts its own when it decodes.
+        self.idle, self.busy, self.lock = [], 0, threading.Lock()
 
     def take(self) -> _Worker:
         with self.lock:

@@ -158,6 +158,31 @@ def test_a_decode_within_its_time_limit_gives_the_in_process_frames(backend):
         inside.frame_indices, inside.frame_times, inside.backend)
 
 
+def _decode_in_forked_child(path: str) -> dict:
+    from llava import media_gate
+
+    idle_at_start = len(media_gate._WORKERS.idle)
+    clip = load_video(path, max_frames=5, limits=MediaLimits(max_decode_seconds=60))
+    return {"idle_at_start": idle_at_start, "frames": len(clip.frames),
+            "workers": [w.process.pid for w in media_gate._WORKERS.idle]}
+
+
+def test_a_forked_process_decodes_with_workers_of_its_own():
+    import multiprocessing
+
+    from llava import media_gate
+
+    limits = MediaLimits(max_decode_seconds=60)
+    load_video(DEMO_VIDEO, max_frames=5, limits=limits)  # leaves an idle worker to this process
+    parents = {w.process.pid for w in media_gate._WORKERS.idle}
+    assert parents
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # as a DataLoader worker is forked
+        child = pool.apply(_decode_in_forked_child, (str(DEMO_VIDEO),))
+    assert child["idle_at_start"] == 0 and child["frames"] == 5
+    assert child["workers"] and not parents & set(child["workers"])
+    assert len(load_video(DEMO_VIDEO, max_frames=5, limits=limits).frames) == 5  # the parent's worker still answers
+
+
 def test_a_refusal_inside_the_child_process_comes_back_as_a_refusal(one_keyframe):
     limits = MediaLimits(max_decode_seconds=60, max_decode_frames=100)
     assert refused(one_keyframe, max_frames=4, limits=limits).limit == "max_decode_frames"
