@@ -125,7 +125,7 @@ def measure(ctx, model, tokenizer, requests: list, max_tokens: int,
         return [], ["vLLM: not measured at the smoke scale unless SLOWFAST_VLLM_PYTHON names its environment."]
     python = vllm_python()
     if python is None:
-        return [], ["vLLM: not measured, no vLLM environment (.venv-vllm or SLOWFAST_VLLM_PYTHON; see README, "
+        return [], ["vLLM: not measured, no vLLM environment (.venv-vllm or SLOWFAST_VLLM_PYTHON; see docs/vllm.md, "
                     "'Serving at scale with vLLM')."]
     import openai
 

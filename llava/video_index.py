@@ -117,7 +117,9 @@ def read_packet_index(container: Any, stream: Any, frame_rate: float | None) -> 
     )
 
 
-def _last_frame_seconds(frame_pts: list[int], lengths: dict[int, int], time_base: Fraction, rate: float | None) -> float:
+def _last_frame_seconds(
+    frame_pts: list[int], lengths: dict[int, int], time_base: Fraction, rate: float | None
+) -> float:
     """How long the last frame (``frame_pts`` ascending, ``lengths`` packet durations by pts) is shown, in seconds:
     its packet's duration where every other frame's equals the gap to the next (GIF delays), else one interval at
     ``rate``, as decord counts. FFmpeg 8 (PyAV 16-18) gives MP4 packets decode-time steps as durations, FFmpeg 6-7

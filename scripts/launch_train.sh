@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared launcher for the training recipes: `launch_train STAGE_ARGS... -- EXTRA_ARGS...`.
 # Paths and launch settings come from the environment (defaults in brackets):
-#   MODEL, DATA_PATH (annotations, or a mixture file: see README "Data mixtures"), VIDEO_DIR, IMAGE_DIR [VIDEO_DIR],
+#   MODEL, DATA_PATH (annotations, or a mixture file: see docs/training.md "Data mixtures"), VIDEO_DIR, IMAGE_DIR [VIDEO_DIR],
 #   OUTPUT_DIR, NPROC_PER_NODE [GPUs, or 2 on CPU],
 #   NNODES [1], NODE_RANK [0], MASTER_ADDR [127.0.0.1], MASTER_PORT [29500], DEEPSPEED [the recipe's],
 #   PYTHON [python3].

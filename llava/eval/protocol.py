@@ -29,7 +29,7 @@ HANDLED_GEN_KWARGS = ("max_new_tokens", "temperature", "top_p", "num_beams", "do
 
 # Settings a protocol fixes unless the model arguments name them. ``default`` is this plugin's choice where
 # it differs from the reference; ``reference`` is the reference wrapper's behaviour, which produced the
-# published numbers (README, "Evaluation protocols").
+# published numbers (docs/evaluation.md, "Evaluation protocols").
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "default": {
         "video_decode_backend": "decord",

@@ -1,8 +1,9 @@
 """The transformers releases this package supports differ in a few names it uses; they are all handled here.
 
-Supported: transformers 5.16.1 (the lower bound in ``pyproject.toml``) to 5.25 and later. Each difference is read
-from transformers' own public signatures, not from a version number, so a release that finishes a deprecation
-needs no change here. Differences handled elsewhere, each with a comment naming the releases:
+Supported: transformers 5.4 (the lower bound in ``pyproject.toml``, tested by ``.ci/lane_oldest.sh``) to 5.25 and
+later. Each difference is read from transformers' own public signatures, not from a version number, so a release
+that finishes a deprecation needs no change here. Differences handled elsewhere, each with a comment naming the
+releases:
 ``modeling_llava_qwen_slow_fast._keep_positions`` (``slice_logits_to_keep`` exists only from 5.23).
 """
 

@@ -21,7 +21,7 @@ Options beyond OpenAI's schema go in the request body next to them (``extra_body
 This module is the command line; the server lives in the package's other modules (see
 :mod:`llava.serve`), and its public names are importable from here too.
 
-Safety: every limit is an option below, checked before the work it bounds; the README's Safety paragraph
+Safety: every limit is an option below, checked before the work it bounds; docs/serving.md's Safety paragraph
 lists what is refused and which option moves each limit.
 """
 

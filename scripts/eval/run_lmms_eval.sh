@@ -12,7 +12,7 @@
 #   PROTOCOL      default | reference           (default: default; reference = the reference wrapper's
 #                                                settings, which produced the reported numbers: PyAV at
 #                                                2 fps, fp16, centre-cropped images, reference decoding and
-#                                                generation settings; see README, "Evaluation protocols")
+#                                                generation settings; see docs/evaluation.md, "Evaluation protocols")
 #   DECODE_MODE   reference | attend            (default: the protocol's; set, it wins over the protocol)
 #   BACKEND       decord | pyav                 (default: the protocol's; set, it wins over the protocol)
 #   EXTRA_MODEL_ARGS more model arguments, last  (e.g. dtype=float32,max_new_tokens=32; they win)

@@ -3,7 +3,7 @@
 # recipe of assets/tiny-slowfast: slow tokens at the tower's full grid with their time and place
 # (fourier_spacetime), hybrid layers that query them with a projection of their own (--cross_attn_query_source
 # own), every question of each training video, then a refining stage that also asks which shape has each colour,
-# on training videos most of which show a flash (README.md, "A tiny model trained on CPU").
+# on training videos most of which show a flash (docs/tiny-model.md).
 #
 #   bash scripts/tiny/train_tiny.sh [OUT]          # default OUT: checkpoints/tiny-slowfast
 #
@@ -208,7 +208,7 @@ fi
 
 # 3b. refining (REFINE_STEPS > 0): the same fine-tuning again from stage 3's weights (a fresh optimiser and
 # schedule), on the REFINE_QUESTIONS training split: motion first, then which shape has each colour and more
-# flashes (README.md, "Motion first, then the rest").
+# flashes (docs/tiny-model.md, "Motion first, then the rest").
 if (( REFINE_STEPS > 0 )); then
     STAGE1="$RUN"
     RUN="$RUN-refine_${REFINE_QUESTIONS}-flash_rate${REFINE_FLASH_RATE}-steps$REFINE_STEPS"
