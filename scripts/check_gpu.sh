@@ -256,6 +256,7 @@ elif [[ "$BENCH_ONLY" == all || ",$BENCH_ONLY," == *",train,"* ]]; then
     note "packed training: in the benchmarks above (train)"
 else
     PACKING_ARGS=(--released-shape --device cuda --only train --out "$OUT_DIR/benchmarks-train")
+    [[ "$DEVICE" == cuda ]] || PACKING_ARGS=(--smoke --device cpu --only train --out "$OUT_DIR/benchmarks-train")
     run_step "packed vs. unpacked training" "$PACKING_BENCH_TIMEOUT" "$OUT_DIR/packing.log" \
         "$PY" -m benchmarks "${PACKING_ARGS[@]}"
     ((RC == 0)) || fail "packed vs. unpacked training" "exit $RC; see $OUT_DIR/packing.log"
