@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from llava import media_gate
 from llava.video_index import PacketIndex, VideoLoadError, read_packet_index, valid_fps
 
 logger = logging.getLogger(__name__)
@@ -195,8 +196,6 @@ def load_video(
     if fps is not None and not fps > 0:
         raise VideoLoadError(path_str, f"fps must be positive, got {fps!r}")
 
-    from llava import media_gate
-
     limits = media_gate.DEFAULT_LIMITS if limits is None else limits
     if not os.path.exists(path_str):
         raise VideoLoadError(path_str, "file does not exist")
@@ -215,8 +214,6 @@ def load_video(
 
 def _decode_vetted(path_str: str, info: Any, max_frames: int, fps: float | None, backend: str, limits: Any) -> VideoClip:
     """Decode a file :func:`llava.media_gate.probe` accepted (``info``) within ``limits``."""
-    from llava import media_gate
-
     if info.kind == "image":
         return _load_image(path_str, limits)
     media_gate.check_decode_work(path_str, lambda total, rate: _select_indices(total, rate, max_frames, fps), limits)
@@ -255,9 +252,7 @@ def _select_indices(total_frames: int, video_fps: float, max_frames: int, fps: f
 def _read_rgb_image(path: str, shown_path: str, limits: Any) -> np.ndarray:
     """Decode one image (checked by :func:`llava.media_gate.open_image`) to ``uint8`` ``[H, W, 3]`` RGB; errors
     name ``shown_path``."""
-    from llava.media_gate import open_image
-
-    with open_image(path, limits, shown_path) as image:
+    with media_gate.open_image(path, limits, shown_path) as image:
         try:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
         except (OSError, ValueError) as err:
@@ -279,15 +274,13 @@ def _load_image(path: str, limits: Any) -> VideoClip:
 
 
 def _load_frames_folder(path: str, max_frames: int, fps: float | None, limits: Any) -> VideoClip:
-    from llava.media_gate import check_frame_count
-
     names = sorted(
         (n for n in os.listdir(path) if _is_image(n) and os.path.isfile(os.path.join(path, n))),
         key=_natural_key,
     )
     if not names:
         raise VideoLoadError(path, "directory contains no image frames")
-    check_frame_count(path, len(names), limits)
+    media_gate.check_frame_count(path, len(names), limits)
     video_fps = float(fps) if fps is not None else 1.0
     indices = uniform_frame_indices(len(names), max_frames)
     frames = [_read_rgb_image(os.path.join(path, names[i]), path, limits) for i in indices]
@@ -405,9 +398,7 @@ def _upright_rgb(frame: Any) -> np.ndarray:
 
 def _open(path: str) -> Any:
     """The file as a PyAV container, opened through the media gate (:func:`llava.media_gate.open_container`)."""
-    from llava.media_gate import open_container
-
-    return open_container(path)
+    return media_gate.open_container(path)
 
 
 def _load_with_pyav(path: str, max_frames: int, fps: float | None) -> VideoClip:
