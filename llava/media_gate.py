@@ -77,6 +77,8 @@ _SIGNATURES = (
     (b"\x89PNG", "a PNG image, not a video"),
     (b"\xff\xd8\xff", "a JPEG image, not a video"),
 )
+# The first bytes of formats that name other files or URLs (the first four signatures above).
+_REFERENCING = tuple(signature for signature, _ in _SIGNATURES[:4])
 _MAX_STREAMS = 64
 _STARTUP_TIMEOUT_S = 60.0
 
@@ -215,12 +217,17 @@ def open_container(path: str, limits: MediaLimits | None = None) -> Any:
     return av.open(target, container_options=options)
 
 
-def _what_it_looks_like(path: str) -> str:
+def _file_head(path: str) -> bytes:
+    """The first bytes of ``path`` after a byte-order mark and white space (empty when unreadable)."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+            return handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
     except OSError:
-        return ""
+        return b""
+
+
+def _what_it_looks_like(path: str) -> str:
+    head = _file_head(path)
     for signature, description in _SIGNATURES:
         if head.startswith(signature):
             return f": the file is {description}"
@@ -330,6 +337,10 @@ def _probe_video(path: str, limits: MediaLimits) -> MediaInfo:
         raise VideoLoadError(path, f"decoder error: {err}") from err
     if not _allowed(demuxer, limits.containers):  # FFmpeg enforced it already; never trust one layer alone
         raise MediaRefused(path, f"the container '{demuxer}' is not allowed", "containers")
+    # decord opens the file without a whitelist: a file that also reads as a playlist (by its first bytes) could be
+    # probed as one there, whatever FFmpeg picked here among the allowed demuxers
+    if _file_head(path).startswith(_REFERENCING):
+        raise MediaRefused(path, f"it begins like a playlist{_what_it_looks_like(path)}", "containers")
     if codec not in limits.codecs:
         raise MediaRefused(
             path, f"the video codec '{codec or 'unknown'}' is not allowed (allowed: {', '.join(sorted(limits.codecs))})",
@@ -376,15 +387,27 @@ def check_decode_work(path: str, wanted: Callable[[int, float], list[int]], limi
     if limit is None:
         return
 
+    import av
+
     with open_container(path, limits) as container:
         stream = container.streams.video[0]
         fps = valid_fps(stream.average_rate) or valid_fps(stream.guessed_rate) or valid_fps(stream.base_rate)
         if fps is None:
             return  # load_video refuses it with its own message
-        index = read_packet_index(container, stream, fps)
+        try:
+            index = read_packet_index(container, stream, fps)
+        except av.FFmpegError:  # a damaged tail: the decoder reads what it can in order, as counted below
+            index = None
         total = len(index.frame_pts) if index is not None else int(stream.frames or 0)
+        if total <= 0:  # no index and no count in the header (Matroska has none): the duration says how many
+            duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else (
+                container.duration / 1_000_000 if container.duration else 0.0)
+            total = math.ceil(duration * fps)
     if total <= 0:
-        return
+        raise MediaRefused(
+            path, "its frame count cannot be known before decoding (no packet index, frame count or duration), so "
+                  f"the decoding work cannot be bounded (max_decode_frames: {limit:,})", "max_decode_frames",
+        )
     targets = sorted(set(wanted(total, fps)))
     if index is None:
         work = targets[-1] + 1
@@ -505,6 +528,8 @@ class _Workers:
     def _forget_after_fork(self) -> None:
         # A forked child (a DataLoader worker) must not talk to its parent's workers: two processes on one socket
         # would read each other's answers. It starts its own when it decodes.
+        for worker in self.idle:
+            worker.conn.close()  # the child's copies of the parent's sockets; the parent's stay open
         self.idle, self.busy, self.lock = [], 0, threading.Lock()
 
     def take(self) -> _Worker:
@@ -514,7 +539,12 @@ class _Workers:
                 worker = self.idle.pop()
                 if worker.process.poll() is None:
                     return worker
-        return _Worker()
+        try:
+            return _Worker()
+        except BaseException:
+            with self.lock:
+                self.busy -= 1
+            raise
 
     def give_back(self, worker: _Worker | None) -> None:
         with self.lock:

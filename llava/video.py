@@ -310,7 +310,7 @@ def _import_decord(required: bool) -> Any:
 
 def _load_with_decord(decord: Any, path: str, max_frames: int, fps: float | None) -> VideoClip:
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        reader = decord.VideoReader(os.path.abspath(path), ctx=decord.cpu(0), num_threads=1)
         total = len(reader)
         video_fps = valid_fps(reader.get_avg_fps())
     except Exception as err:  # decord raises DECORDError, RuntimeError, ... depending on the failure

@@ -158,6 +158,53 @@ def test_a_decode_within_its_time_limit_gives_the_in_process_frames(backend):
         inside.frame_indices, inside.frame_times, inside.backend)
 
 
+def _write_video(path: Path, container: str, codec: str, frames: int) -> Path:
+    import av
+
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream(codec, rate=10)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            image = np.full((32, 32, 3), 2 * i, np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def test_a_video_that_also_begins_like_a_playlist_is_refused(tmp_path):
+    # FFmpeg probes it as MPEG-TS among the allowed demuxers; without a whitelist (decord) it is an HLS playlist
+    video = _write_video(tmp_path / "v.ts", "mpegts", "mpeg2video", 20)
+    polyglot = tmp_path / "clip.ts"
+    polyglot.write_bytes(b"#EXTM3U\n" + video.read_bytes())
+    assert len(load_video(video, max_frames=4, backend="pyav").frames) == 4
+    err = refused(polyglot, max_frames=4, backend="pyav")
+    assert err.limit == "containers" and "HLS playlist" in err.cause
+
+
+def test_decoding_work_without_a_packet_index_is_bounded_by_the_duration(tmp_path, monkeypatch):
+    from llava import media_gate
+
+    mkv = _write_video(tmp_path / "v.mkv", "matroska", "mpeg4", 100)  # Matroska gives no frame count
+    monkeypatch.setattr(media_gate, "read_packet_index", lambda *args: None)  # packets that cannot be indexed
+    err = refused(mkv, max_frames=4, backend="pyav", limits=MediaLimits(max_decode_frames=5))
+    assert err.limit == "max_decode_frames"
+
+
+def test_a_packet_index_that_fails_leaves_the_decoder_its_fallback(tmp_path, monkeypatch):
+    import av
+
+    from llava import media_gate
+
+    def damaged(*args):
+        raise av.InvalidDataError(1094995529, "Invalid data found when processing input")
+
+    mkv = _write_video(tmp_path / "v.mkv", "matroska", "mpeg4", 100)
+    monkeypatch.setattr(media_gate, "read_packet_index", damaged)
+    clip = load_video(mkv, max_frames=4, backend="pyav", limits=MediaLimits(max_decode_frames=500))
+    assert len(clip.frames) == 4
+
+
 def _decode_in_forked_child(path: str) -> dict:
     from llava import media_gate
 

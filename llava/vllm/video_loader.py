@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..media_gate import UPLOAD_LIMITS
 from ..video import load_video
 
 BACKEND_NAME = "slowfast"
@@ -33,7 +34,8 @@ class SlowFastVideoLoader:
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
-            clip = load_video(path, num_frames, fps=fps if fps and fps > 0 else None)
+            # the bytes came from a request (a data: or web URL): bounded as the project's server bounds uploads
+            clip = load_video(path, num_frames, fps=fps if fps and fps > 0 else None, limits=UPLOAD_LIMITS)
         finally:
             os.unlink(path)
         metadata = {
