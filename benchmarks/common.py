@@ -10,6 +10,7 @@ Three scales:
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import platform
 import statistics
@@ -444,3 +445,46 @@ def mib(num_bytes: float | None) -> float | None:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
+
+
+# ----------------------------------------------------------------------------------------------- request timing
+
+
+def time_requests(mode: str, send: Callable[[Any], dict], requests: list) -> dict[str, Any]:
+    """Send ``requests`` through ``send`` one at a time (``mode`` ending in ``sequential``) or all at once, and
+    time them. ``send(request)`` returns ``{"ttft_s", "latency_s", "text", "tokens"}``; the row holds requests/s,
+    tokens/s, time to first token and latency, and the texts."""
+    start = time.perf_counter()
+    if mode.endswith("sequential"):
+        results = [send(request) for request in requests]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            results = list(pool.map(send, requests))
+    wall = time.perf_counter() - start
+    ttfts = [r["ttft_s"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "mode": mode,
+        "requests": len(requests),
+        "wall_s": wall,
+        "requests_per_s": len(requests) / wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_ms_mean": 1000 * statistics.fmean(ttfts),
+        "ttft_ms_median": 1000 * statistics.median(ttfts),
+        "ttft_ms_max": 1000 * max(ttfts),
+        "latency_ms_mean": 1000 * statistics.fmean(r["latency_s"] for r in results),
+        "generated_tokens": tokens,
+        "texts": [r["text"] for r in results],
+    }
+
+
+def least_disturbed(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per mode: its run with the least wall time (texts dropped), with the medians over every run of
+    requests/s and mean time to first token."""
+    rows = []
+    for results in runs.values():
+        row = {k: v for k, v in min(results, key=lambda r: r["wall_s"]).items() if k != "texts"}
+        row["requests_per_s_median"] = median([r["requests_per_s"] for r in results])
+        row["ttft_ms_mean_median"] = median([r["ttft_ms_mean"] for r in results])
+        rows.append(row)
+    return rows

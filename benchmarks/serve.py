@@ -17,8 +17,6 @@ use a tokenizer trained locally, so most of their tokens decode to no text, whic
 
 from __future__ import annotations
 
-import concurrent.futures
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -33,9 +31,10 @@ from .common import (
     RunContext,
     Table,
     build_model,
+    least_disturbed,
     make_config,
-    median,
     ratio,
+    time_requests,
 )
 
 NAME = "serve"
@@ -110,33 +109,13 @@ def _request(client: Any, messages: list[dict[str, Any]], max_tokens: int) -> di
 
 def _measure(mode: str, client: Any, requests: list[list[dict[str, Any]]], max_tokens: int,
              engine: Any) -> dict[str, Any]:
-    """Send ``requests`` one at a time (``sequential``) or all at once (``concurrent``)."""
+    """Send ``requests`` one at a time (``sequential``) or all at once (``concurrent``); the row counts the
+    engine's batches too."""
     batches_before = engine.stats["batches"]
     engine.stats["largest_batch"] = 0
-    start = time.perf_counter()
-    if mode == "sequential":
-        results = [_request(client, messages, max_tokens) for messages in requests]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-            results = list(pool.map(lambda messages: _request(client, messages, max_tokens), requests))
-    wall = time.perf_counter() - start
-    ttfts = [r["ttft_s"] for r in results]
-    tokens = sum(r["tokens"] for r in results)
-    return {
-        "mode": mode,
-        "requests": len(requests),
-        "wall_s": wall,
-        "requests_per_s": len(requests) / wall,
-        "tokens_per_s": tokens / wall,
-        "ttft_ms_mean": 1000 * statistics.fmean(ttfts),
-        "ttft_ms_median": 1000 * statistics.median(ttfts),
-        "ttft_ms_max": 1000 * max(ttfts),
-        "latency_ms_mean": 1000 * statistics.fmean(r["latency_s"] for r in results),
-        "batches": engine.stats["batches"] - batches_before,
-        "largest_batch": engine.stats["largest_batch"],
-        "generated_tokens": tokens,
-        "texts": [r["text"] for r in results],
-    }
+    row = time_requests(mode, lambda messages: _request(client, messages, max_tokens), requests)
+    row.update(batches=engine.stats["batches"] - batches_before, largest_batch=engine.stats["largest_batch"])
+    return row
 
 
 def run(ctx: RunContext) -> BenchResult:
@@ -169,13 +148,7 @@ def run(ctx: RunContext) -> BenchResult:
                 results.append(result)
                 ctx.log(f"  {mode}: {result['requests_per_s']:.2f} requests/s, time to first token "
                         f"{result['ttft_ms_mean']:.0f} ms mean, {result['batches']} batch(es)")
-    rows = []
-    for mode, results in runs.items():
-        chosen = min(results, key=lambda r: r["wall_s"])  # the least disturbed run
-        row = {k: v for k, v in chosen.items() if k != "texts"}
-        row["requests_per_s_median"] = median([r["requests_per_s"] for r in results])
-        row["ttft_ms_mean_median"] = median([r["ttft_ms_mean"] for r in results])
-        rows.append(row)
+    rows = least_disturbed(runs)
     sequential, concurrent_row = rows
     # vLLM beside it: same checkpoint, same requests, same modes (benchmarks/serve_vllm.py)
     vllm_rows, vllm_notes = serve_vllm.measure(ctx, model, tokenizer, requests, max_tokens, _request)

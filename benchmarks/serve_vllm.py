@@ -11,11 +11,9 @@ measures the project's server alone.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import tempfile
 import time
@@ -23,6 +21,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .common import least_disturbed, time_requests
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = REPO / "assets" / "tiny-slowfast" / "chat_template.jinja"  # the qwen_1_5 prompt
@@ -57,7 +57,8 @@ class VllmServer:
             "--max-num-seqs", str(max_seqs), "--chat-template", str(CHAT_TEMPLATE), "--disable-log-stats",
         ]
         if device == "cuda":  # the project's model still holds its weights on the same GPU
-            command += ["--gpu-memory-utilization", "0.45"]
+            # eager, as the plugin's tests run it: CUDA graph capture of its per-step logic is untested
+            command += ["--gpu-memory-utilization", "0.45", "--enforce-eager"]
         elif shutil.which("prlimit"):
             command = ["prlimit", f"--as={MEMORY_LIMIT_BYTES}", *command]
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
@@ -87,31 +88,6 @@ class VllmServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self._log.close()
-
-
-def _measure(mode: str, send: Callable[[Any], dict], requests: list) -> dict[str, Any]:
-    start = time.perf_counter()
-    if mode.endswith("sequential"):
-        results = [send(messages) for messages in requests]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-            results = list(pool.map(send, requests))
-    wall = time.perf_counter() - start
-    ttfts = [r["ttft_s"] for r in results]
-    return {
-        "mode": mode,
-        "requests": len(requests),
-        "wall_s": wall,
-        "requests_per_s": len(requests) / wall,
-        "tokens_per_s": sum(r["tokens"] for r in results) / wall,
-        "ttft_ms_mean": 1000 * statistics.fmean(ttfts),
-        "ttft_ms_median": 1000 * statistics.median(ttfts),
-        "ttft_ms_max": 1000 * max(ttfts),
-        "latency_ms_mean": 1000 * statistics.fmean(r["latency_s"] for r in results),
-        "batches": None,
-        "largest_batch": None,
-        "texts": [r["text"] for r in results],
-    }
 
 
 def measure(ctx, model, tokenizer, requests: list, max_tokens: int,
@@ -144,16 +120,15 @@ def measure(ctx, model, tokenizer, requests: list, max_tokens: int,
                 send(requests[0])  # warm-up
                 for _ in range(ctx.repeats):
                     for mode, results in runs.items():
-                        result = _measure(mode, send, requests)
+                        result = time_requests(mode, send, requests)
                         results.append(result)
                         ctx.log(f"  {mode}: {result['requests_per_s']:.2f} requests/s, time to first token "
                                 f"{result['ttft_ms_mean']:.0f} ms mean")
         finally:
             server.close()
-    rows = []
-    for results in runs.values():
-        chosen = min(results, key=lambda r: r["wall_s"])
-        rows.append({k: v for k, v in chosen.items() if k != "texts"})
+    rows = least_disturbed(runs)
+    for row in rows:
+        row.update(batches=None, largest_batch=None)  # vLLM's scheduler does not report them
     notes = [
         "vLLM rows: vLLM's OpenAI server with the slowfast plugin on the same checkpoint, same requests and modes "
         f"(continuous batching, up to {len(requests)} sequences; {dtype}). vLLM keeps no encoded video between "

@@ -67,6 +67,20 @@ def stage1_args(base_dir: Path, **overrides) -> ModelArguments:
     return ModelArguments(**fields)
 
 
+def test_training_attention_is_chosen_and_checked(base_dir, tmp_path):
+    from llava.train.train import training_attention
+
+    cpu = torch.device("cpu")
+    assert training_attention(None, cpu) == "sdpa"
+    with pytest.warns(UserWarning, match="SDPA"):  # flash-attn cannot run on a CPU
+        assert training_attention("flash_attention_2", cpu) == "sdpa"
+    with pytest.raises(ValueError, match="--attn_implementation must be one of"):
+        training_attention("flash", cpu)
+    model = build_model(stage1_args(base_dir, attn_implementation="eager"), DataArguments(data_path="x"),
+                        TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+    assert model.config._attn_implementation == "eager"
+
+
 def test_stage1_builds_hybrid_model_from_plain_qwen2(base_dir, tmp_path):
     model = build_model(stage1_args(base_dir), DataArguments(data_path="x"), TrainingArguments(output_dir=str(tmp_path)))
     assert model.config.hybrid_layer_indices == [0, 2]

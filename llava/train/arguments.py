@@ -23,6 +23,12 @@ class ModelArguments:
     mm_vision_tower_overrides: str | None = field(
         default=None, metadata={"help": 'JSON, e.g. {"depths": [1,1,1,1], "dims": [16,24,32,48], "image_size": 64}.'}
     )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "The language model's attention: flash_attention_2, sdpa or eager. Default: "
+                          "flash_attention_2 when flash-attn is installed and training runs on CUDA (what --packing "
+                          "needs for its variable-length kernel), else sdpa."},
+    )
     mm_projector_type: str = field(default="mlp2x_gelu")
     mm_vision_select_layer: int = field(default=-1, metadata={"help": "Kept for compatibility: the ConvNeXt tower "
                                                               "always uses its last stage."})

@@ -23,6 +23,7 @@ in that file, so that torchrun adds no traceback; the script then prints the mes
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
 
 from llava.model import LlavaQwenSlowFastConfig, LlavaQwenSlowFastForCausalLM
+from llava.model.builder import resolve_attn_implementation
 from llava.train.arguments import ModelArguments, TrainingArguments
 from llava.train.checkpoints import find_resume_checkpoint
 from llava.train.data import DataArguments, make_supervised_data_module
@@ -160,6 +162,19 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, training_
     return LlavaQwenSlowFastConfig(**fields), True
 
 
+ATTENTION_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
+
+
+def training_attention(requested: str | None, device: torch.device) -> str:
+    """``--attn_implementation``, checked; unset: flash-attn where it is installed and the run is on CUDA, else SDPA
+    (a request for flash-attn where it cannot run falls back to SDPA with a warning)."""
+    if requested is not None and requested not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"--attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {requested!r}")
+    if requested is None:
+        requested = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    return resolve_attn_implementation(requested, False, device)
+
+
 def build_model(model_args, data_args, training_args, built_config=None) -> LlavaQwenSlowFastForCausalLM:
     """The model; ``built_config``: :func:`build_config`'s result when the caller has it already."""
     config, is_new = built_config or build_config(model_args, data_args, training_args)
@@ -167,7 +182,10 @@ def build_model(model_args, data_args, training_args, built_config=None) -> Llav
     # A new model loads the LM weights into the Slow-Fast architecture directly: hybrid layers, tower and
     # projector are created by the model's own __init__ (ZeRO-3 partitions them as it builds), nothing is
     # copied between live modules.
-    model = LlavaQwenSlowFastForCausalLM.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype)
+    attention = training_attention(model_args.attn_implementation, training_args.device)
+    model = LlavaQwenSlowFastForCausalLM.from_pretrained(
+        model_args.model_name_or_path, config=config, dtype=dtype, attn_implementation=attention
+    )
     if is_new:
         if model_args.vision_tower_pretrained:
             model.load_vision_tower_weights(model_args.vision_tower_pretrained)

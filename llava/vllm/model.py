@@ -205,7 +205,8 @@ class SlowFastForConditionalGeneration(nn.Module, SupportsMultiModal):
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         slow_tokens, query_mask = None, None
-        requests = self._requests()
+        # a step of generated tokens only, where the decode rule adds no cross-attention (the reference's): skip it
+        requests = self._requests() if encoder_outputs or self.decode_attends else None
         if requests is not None:
             query_start, encoder_lens = requests
             is_fast, first_fast = None, None
